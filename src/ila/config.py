@@ -1,0 +1,301 @@
+"""Typed run configuration: frozen dataclasses, loaded from YAML with dotted `section.key=value` overrides.
+
+Every stage reads its own section. Unknown keys and values of the wrong type are `IlaError`s that name the
+dotted key, because a typo in a config must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from ila.errors import IlaError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BUNDLED_DATA = "bundled"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which causal LM to analyse and how to load it."""
+
+    name: str = DEFAULT_MODEL  # alias, local folder, .gguf file or hub id
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    include_lm_head: bool = False  # the paper's "225th layer" may be lm_head; off by default
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which SFT data to read and how to turn it into training examples."""
+
+    path: str = BUNDLED_DATA  # "bundled", a JSON/JSONL file, or a hub data set id
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "qa", "preference"] = "auto"
+    split: str = "train"  # hub data sets only
+    max_length: int = 256
+    too_long: Literal["truncate", "drop"] = "truncate"
+    min_response_tokens: int = 16  # a truncated example keeps at least this many response tokens
+    eval_fraction: float = 0.1
+    eval_max_examples: int = 32
+    max_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise IlaError(f"data.max_length={self.max_length} is too small; use at least 8 tokens")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise IlaError(f"data.eval_fraction={self.eval_fraction} must lie strictly between 0 and 1")
+        if self.min_response_tokens < 1 or self.min_response_tokens >= self.max_length:
+            raise IlaError(
+                f"data.min_response_tokens={self.min_response_tokens} must be >= 1 and < data.max_length"
+            )
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA factors trained in Stage 1 on every linear layer of every block."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise IlaError(f"lora.r={self.r} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise IlaError(f"lora.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Stage 1: LoRA training until the update is epsilon-stable (or the step cap)."""
+
+    max_steps: int = 60  # the step cap; milestones are fractions of it
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # r_t = |D_t - D_{t-w}|_F / |D_t|_F every `window` steps; stable after `patience` checks below epsilon
+    epsilon: float = 0.05
+    window: int = 10
+    patience: int = 2
+    plateau_tolerance: float = 0.01  # relative change of the windowed mean loss
+    stop_rule: Literal["update", "loss", "either", "steps"] = "update"
+    milestones: tuple[int, ...] = (25, 50, 75, 100)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.window < 1 or self.patience < 1:
+            raise IlaError("stage1.max_steps, stage1.batch_size, stage1.window and stage1.patience must be >= 1")
+        if any(not 0 < m <= 100 for m in self.milestones):
+            raise IlaError(f"stage1.milestones={list(self.milestones)} must be percentages in (0, 100]")
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage 2: one relaxed mask score per layer, learned with the Stage-1 update frozen."""
+
+    steps: int = 60
+    batch_size: int = 4
+    lr: float = 0.1
+    init_score: float = 3.0  # gamma = sigmoid(3) = 0.95: start at (nearly) the Stage-1 model
+    sparsity: Literal["penalty", "budget", "topk"] = "penalty"
+    penalty: float = 1.0  # lambda on mean(gamma) for sparsity=penalty
+    budget: float = 0.3  # fraction of layers H/N for sparsity=budget|topk
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise IlaError("stage2.steps and stage2.batch_size must be >= 1")
+        if not 0.0 < self.budget <= 1.0:
+            raise IlaError(f"stage2.budget={self.budget} must be a fraction of layers in (0, 1]")
+        if self.penalty < 0:
+            raise IlaError(f"stage2.penalty={self.penalty} must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Seed, threads and where artifacts go."""
+
+    seed: int = 0
+    output: str | None = None  # default: runs/identify-<timestamp>
+    threads: int | None = None  # torch CPU threads; default: all cores
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    report_top_fraction: float = 0.3  # the hard top-K mask evaluated in the report
+
+
+@dataclass(frozen=True)
+class IdentifyConfig:
+    """Everything `ila identify` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+T = TypeVar("T")
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the dotted key."""
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except IlaError as err:
+                errors.append(str(err))
+        raise IlaError(errors[0] if errors else f"{key}: cannot be None")
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if value not in allowed:
+            raise IlaError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is tuple:
+        (item_type, *_rest) = get_args(annotation)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]()").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise IlaError(f"{key}={value!r} must be a list")
+        return tuple(_convert(v.strip() if isinstance(v, str) else v, item_type, key) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise IlaError(f"{key}={value!r} must be true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise IlaError(f"{key}={value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise IlaError(f"{key}={value!r} must be an integer")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise IlaError(f"{key}={value!r} must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise IlaError(f"{key}={value!r} must be a number")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise IlaError(f"{key}={value!r} must be a string")
+    raise IlaError(f"{key}: unsupported field type {annotation!r}")  # a bug in ila, not in the config
+
+
+def build_config(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+    """Build a (possibly nested) config dataclass from a plain dict, checking every key and type."""
+    if not isinstance(values, dict):
+        raise IlaError(f"{prefix or 'config'} must be a mapping of keys to values, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise IlaError(f"unknown config key '{dotted}'; allowed: {', '.join(prefix + k for k in fields)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = build_config(annotation, value or {}, prefix=f"{dotted}.")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _convert(value, annotation, dotted)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["stage1.lr=1e-3", ...] into a nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise IlaError(f"override '{item}' must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise IlaError(f"override '{item}' conflicts with an earlier override of '{part}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `update` into a copy of `base`."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping safely; a missing file or bad YAML is an IlaError."""
+    p = Path(path)
+    if not p.is_file():
+        raise IlaError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise IlaError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise IlaError(f"{p}: a config file must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> T:
+    """Defaults <- YAML file <- `extra` (from CLI flags) <- dotted overrides."""
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
+    if extra:
+        values = merge(values, extra)
+    if overrides:
+        values = merge(values, parse_overrides(overrides))
+    return build_config(cls, values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain, YAML-safe dict of a config dataclass (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))

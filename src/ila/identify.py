@@ -1,0 +1,229 @@
+"""`ila identify`: the ILA pipeline end to end (load, Stage 1, Stage 2, ranking, heatmap, report, manifest).
+
+Reads a model and SFT data; writes a run folder (see README). Everything that can be wrong with the input is
+checked before the run folder is created, so a bad call leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ila.config import IdentifyConfig, build_config, config_to_dict, read_yaml
+from ila.errors import IlaError, NonFiniteLossError
+from ila.layers import Layer, discover_layers
+from ila.lora_adapters import LayerMask, load_lora
+from ila.model_loading import LoadedModel, load_model, pick_device
+from ila.plots import plot_heatmap
+from ila.ranking import Ranking, rank_layers
+from ila.report import write_identify_report
+from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, write_json, write_yaml
+from ila.sft_data import SftData, eval_batches, load_sft_data
+from ila.stage1_lora import Stage1Result, run_stage1
+from ila.stage2_mask import Stage2Result, run_stage2
+from ila.training_loop import heldout_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def measure(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class IdentifyResult:
+    run_dir: Path
+    ranking: Ranking
+    stage1: Stage1Result | None
+    stage2: Stage2Result
+    heldout: dict[str, float]
+    timings: dict[str, float]
+    memory: dict[str, float]
+
+
+def setup_runtime(cfg: IdentifyConfig) -> torch.device:
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    return pick_device(cfg.run.device)
+
+
+def prepare_inputs(cfg: IdentifyConfig, timings: Timings) -> tuple[LoadedModel, list[Layer], SftData]:
+    """Load and check everything a run needs; raises IlaError before anything is written."""
+    device = setup_runtime(cfg)
+    with timings.measure("load model"):
+        loaded = load_model(cfg.model, device)
+    layers = discover_layers(loaded.model, cfg.model.include_lm_head)
+    with timings.measure("load data"):
+        data = load_sft_data(cfg.data, loaded.tokenizer, cfg.run.seed)
+    return loaded, layers, data
+
+
+def _mask_loss(model: torch.nn.Module, layers: list[Layer], keep: set[str], batches: list[Any],
+               device: torch.device) -> float:
+    with LayerMask(model, layers) as mask:
+        mask.values = torch.tensor([1.0 if layer.name in keep else 0.0 for layer in layers], device=device)
+        return heldout_loss(model, batches, device)
+
+
+def _stage2_and_rank(cfg: IdentifyConfig, loaded: LoadedModel, peft_model: torch.nn.Module, layers: list[Layer],
+                     data: SftData, timings: Timings, info: dict[str, Any]) -> tuple[Stage2Result, Ranking]:
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    with timings.measure("stage 2"):
+        stage2 = run_stage2(peft_model, layers, data.train, cfg.stage2, cfg.run.seed, pad_id, loaded.device)
+    ranking = rank_layers(layers, stage2.scores, "ila", stage2.gammas, info)
+    return stage2, ranking
+
+
+def run_identify(cfg: IdentifyConfig, overwrite: bool = False, command: str = "") -> IdentifyResult:
+    """Stage 1 + Stage 2 on a fresh run folder; returns the ranking and what was measured."""
+    timings = Timings()
+    started = time.perf_counter()
+    loaded, layers, data = prepare_inputs(cfg, timings)
+    run_dir = prepare_run_dir(cfg.run.output, "identify", overwrite)
+    write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
+    manifest = _manifest_base(cfg, loaded, data, layers, command)
+    manifest["status"] = "running"
+    write_json(run_dir / "manifest.json", manifest)
+    device = loaded.device
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    heldout_batches = eval_batches(data.eval, cfg.stage1.batch_size, pad_id)
+    heldout: dict[str, float] = {}
+    try:
+        with timings.measure("held-out evaluation"):
+            heldout["base"] = heldout_loss(loaded.model, heldout_batches, device)
+        with timings.measure("stage 1"):
+            peft_model, stage1 = run_stage1(loaded.model, layers, data.train, cfg.lora, cfg.stage1, cfg.run.seed,
+                                            pad_id, device, run_dir / "stage1")
+        with timings.measure("held-out evaluation"):
+            heldout["stage1"] = heldout_loss(peft_model, heldout_batches, device)
+        info = _ranking_info(cfg, loaded, data, milestone=None, stage1=stage1)
+        stage2, ranking = _stage2_and_rank(cfg, loaded, peft_model, layers, data, timings, info)
+        top = set(ranking.top_fraction(cfg.run.report_top_fraction))
+        with timings.measure("held-out evaluation"):
+            heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
+    except NonFiniteLossError as err:
+        manifest.update(status="failed", error=str(err), timings=timings.seconds, memory=peak_memory())
+        write_json(run_dir / "manifest.json", manifest)
+        raise IlaError(f"{err} (run folder {run_dir} keeps what was saved before)") from None
+    with timings.measure("write artifacts"):
+        ranking.info["heldout_loss"] = heldout
+        ranking.save(run_dir)
+        plot_heatmap(ranking, run_dir / "heatmap.png", top_fraction=cfg.run.report_top_fraction)
+    timings.seconds["total"] = time.perf_counter() - started
+    memory = peak_memory()
+    manifest.update(status="complete", timings=timings.seconds, memory=memory,
+                    stage1=_stage1_summary(stage1), stage2=_loop_summary(stage2.loop), heldout_loss=heldout)
+    write_json(run_dir / "manifest.json", manifest)
+    result = IdentifyResult(run_dir, ranking, stage1, stage2, heldout, timings.seconds, memory)
+    write_identify_report(run_dir / "report.md", cfg, result, data.stats, layers)
+    return result
+
+
+def run_milestone(run_dir: Path, milestone: int, overwrite: bool = False, overrides: list[str] | None = None,
+                  command: str = "") -> IdentifyResult:
+    """Stage 2 on a saved Stage-1 milestone of an earlier run, without retraining Stage 1."""
+    if not (run_dir / "config.yaml").is_file():
+        raise IlaError(f"{run_dir} is not an ila identify run folder (no config.yaml)")
+    adapter = run_dir / "stage1" / f"milestone-{milestone}"
+    if not (adapter / "adapter_config.json").is_file():
+        saved = sorted(p.name for p in (run_dir / "stage1").glob("milestone-*"))
+        raise IlaError(f"milestone {milestone} was not saved in {run_dir}; saved: {', '.join(saved) or 'none'}")
+    from ila.config import merge, parse_overrides
+
+    values = merge(read_yaml(run_dir / "config.yaml"), parse_overrides(overrides or []))
+    cfg = build_config(IdentifyConfig, values)
+    out = run_dir / f"milestone-{milestone}"
+    cfg = replace(cfg, run=replace(cfg.run, output=str(out)))
+    timings = Timings()
+    started = time.perf_counter()
+    loaded, layers, data = prepare_inputs(cfg, timings)
+    out = prepare_run_dir(str(out), "milestone", overwrite)
+    peft_model = load_lora(loaded.model, adapter)
+    device = loaded.device
+    heldout_batches = eval_batches(data.eval, cfg.stage1.batch_size, int(loaded.tokenizer.pad_token_id))
+    heldout = {"base": float("nan")}
+    with timings.measure("held-out evaluation"):
+        heldout["stage1"] = heldout_loss(peft_model, heldout_batches, device)
+        with LayerMask(peft_model, layers) as mask:
+            mask.values = torch.zeros(len(layers), device=device)
+            heldout["base"] = heldout_loss(peft_model, heldout_batches, device)
+    info = _ranking_info(cfg, loaded, data, milestone=milestone, stage1=None)
+    stage2, ranking = _stage2_and_rank(cfg, loaded, peft_model, layers, data, timings, info)
+    top = set(ranking.top_fraction(cfg.run.report_top_fraction))
+    heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
+    ranking.info["heldout_loss"] = heldout
+    ranking.save(out)
+    plot_heatmap(ranking, out / "heatmap.png", top_fraction=cfg.run.report_top_fraction)
+    timings.seconds["total"] = time.perf_counter() - started
+    memory = peak_memory()
+    manifest = _manifest_base(cfg, loaded, data, layers, command)
+    manifest.update(status="complete", milestone=milestone, stage1_adapter=str(adapter), timings=timings.seconds,
+                    memory=memory, stage2=_loop_summary(stage2.loop), heldout_loss=heldout)
+    write_yaml(out / "config.yaml", config_to_dict(cfg))
+    write_json(out / "manifest.json", manifest)
+    result = IdentifyResult(out, ranking, None, stage2, heldout, timings.seconds, memory)
+    write_identify_report(out / "report.md", cfg, result, data.stats, layers)
+    return result
+
+
+def _ranking_info(cfg: IdentifyConfig, loaded: LoadedModel, data: SftData, milestone: int | None,
+                  stage1: Stage1Result | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"model": cfg.model.name, "model_fingerprint": loaded.fingerprint,
+                            "data": data.stats.source, "data_sha256": data.stats.fingerprint,
+                            "seed": cfg.run.seed, "milestone": milestone if milestone is not None else 100,
+                            "sparsity": cfg.stage2.sparsity}
+    if stage1 is not None:
+        info["stage1_steps"] = stage1.steps
+        info["stage1_stopped_by"] = stage1.stopped_by
+        info["stability_trace"] = stage1.trace
+    return info
+
+
+def _loop_summary(loop: Any) -> dict[str, Any]:
+    times = loop.step_seconds
+    return {"steps": loop.steps_run, "median_step_s": statistics.median(times) if times else None,
+            "tokens_per_s": loop.tokens_per_second, "padding_fraction": loop.padding_fraction,
+            "first_loss": loop.losses[0] if loop.losses else None,
+            "last_loss": loop.losses[-1] if loop.losses else None}
+
+
+def _stage1_summary(stage1: Stage1Result) -> dict[str, Any]:
+    out = _loop_summary(stage1.loop)
+    out.update(stopped_by=stage1.stopped_by, milestones={str(k): str(v) for k, v in stage1.milestones.items()},
+               final_r_t=stage1.trace[-1]["r_t"] if stage1.trace else None)
+    return out
+
+
+def _manifest_base(cfg: IdentifyConfig, loaded: LoadedModel, data: SftData, layers: list[Layer],
+                   command: str) -> dict[str, Any]:
+    return {
+        "ila_command": command or " ".join(sys.argv),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config_to_dict(cfg),
+        "model": {"source": loaded.source, "resolved": loaded.resolved_path, "fingerprint": loaded.fingerprint,
+                  "class": type(loaded.model).__name__, "n_layers": len(layers)},
+        "data": {"source": data.stats.source, "sha256": data.stats.fingerprint, "rows": data.stats.rows,
+                 "train_examples": data.stats.train_examples, "eval_examples": data.stats.eval_examples},
+        "seed": cfg.run.seed,
+        "versions": package_versions(),
+        "hardware": hardware(),
+    }

