@@ -85,7 +85,7 @@ def train(
     naming the step, so whatever was saved before stays valid.
     """
     result = LoopResult(steps_run=0, stopped_early=False)
-    bar = tqdm(total=max_steps, desc=stage, unit="step", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=max_steps, desc=stage, unit="step", dynamic_ncols=True, leave=False, disable=None)
     try:
         for step in range(1, max_steps + 1):
             batch = next(batches).to(device)
