@@ -33,6 +33,44 @@ LAYERS_EXAMPLES = f"""examples:
 """
 
 
+SELECT_EXAMPLES = """examples:
+  ila select --ranking runs/llama-lima --top 0.3 --output selection.json        # best 30% of the layers
+  ila select --ranking runs/llama-lima/ranking.json --top 12 --output top12.json
+  ila select --ranking R --freeze-bottom 0.25 --output sel.json                  # = top 75%
+  ila select --ranking R --param-budget 2M --lora-r 16 --output sel.json         # LoRA parameters r*(in+out)
+  ila select --ranking R --param-budget 50M --method full --output sel.json      # weights in*out
+  ila select --ranking R --memory-budget 12 --method qlora --output sel.json     # estimated training GB
+
+Budgets are greedy by rank and skip layers that do not fit, so they are never exceeded. Any ranking.json works
+(ILA or a baseline such as random-K or last-K). The memory estimate counts weights, adapter/optimizer state,
+activations from the lowest selected block up (backward stops there: the depth cost) and logits.
+"""
+
+FINETUNE_EXAMPLES = """examples:
+  ila finetune --model ./my-llama --data train.jsonl --selection selection.json --method lora --output runs/ft
+  ila finetune --model ./my-llama --data train.jsonl --method lora --output runs/ft-all   # baseline: all layers
+  ila finetune --model M --data D --selection S --method full finetune.lr=2e-5 finetune.max_steps=300
+  ila finetune --model M --data D --selection S --method adalora adalora.init_r=12 adalora.target_r=4
+  ila finetune --model M --data D --selection S --method qlora                  # needs a CUDA GPU
+
+config sections: model, data, lora, finetune, adalora, qlora, run (see `ila finetune --print-config`)
+"""
+
+EXPORT_EXAMPLES = """examples:
+  ila export --selection selection.json --to peft --output lora_config.json
+  ila export --selection selection.json --to trl --output trl.yaml
+  ila export --selection selection.json --to axolotl --method full --output axolotl.yaml
+  ila export --selection selection.json --to llama-factory --output lf.yaml --model ./my-llama
+  ila export --selection selection.json --to ms-swift --method full --output swift.yaml
+  ila export --selection selection.json --to spectrum --output unfrozen.yaml
+
+Every export is parsed back and applied to the model with the trainer's own matching rule (PEFT target_modules,
+re.fullmatch, re.search, axolotl's pattern rule, LLaMA-Factory's freeze rule); unless it selects exactly the
+selected modules, nothing is written. Without --model the module tree of the model the selection names is built
+on the meta device (no weights).
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit status 2 like every other user error."""
 
@@ -72,6 +110,62 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--include-lm-head", action="store_true", help="also list the output head")
     layers.add_argument("--names", action="store_true", help="print every layer's full name")
     layers.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+
+    select = sub.add_parser("select", help="turn a ranking into the layers to fine-tune (top-K, budgets)",
+                            description="Pick layers from a ranking by count, fraction, freeze-bottom fraction, "
+                            "trainable-parameter budget or estimated memory budget; writes selection.json with the "
+                            "chosen layers in model order, their parameter counts and the lowest selected block.",
+                            epilog=SELECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    select.add_argument("--ranking", required=True, help="ranking.json, or a run folder that holds one")
+    rule = select.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--top", metavar="K|FRACTION", help="a count (12) or a fraction (0.3) of the best layers")
+    rule.add_argument("--freeze-bottom", type=float, metavar="FRACTION",
+                      help="freeze this fraction of the least important layers (0.25 = keep the top 75%%)")
+    rule.add_argument("--param-budget", metavar="N", help="at most N trainable parameters (2000000, 2e6, 1.5M, 300k)")
+    rule.add_argument("--memory-budget", type=float, metavar="GB", help="at most this much estimated training memory")
+    select.add_argument("--method", choices=["lora", "qlora", "full"], default="lora",
+                        help="what a budget counts: LoRA factors r*(in+out) or full weights in*out (default lora)")
+    select.add_argument("--lora-r", type=int, default=8, help="LoRA rank for parameter counts (default 8)")
+    select.add_argument("--batch-size", type=int, default=4, help="memory estimate: sequences per step (default 4)")
+    select.add_argument("--max-length", type=int, default=256, help="memory estimate: tokens per sequence (256)")
+    select.add_argument("--model", help="model for layer shapes and order (default: the model the ranking names)")
+    select.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
+    select.add_argument("--output", required=True, help="selection.json to write")
+    select.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    finetune = sub.add_parser("finetune", help="train only the selected layers (LoRA, AdaLoRA, QLoRA or full)",
+                              description="Restart from the base model and train only the layers of a selection "
+                              "(none: every linear layer, the baseline) with the shared training loop; writes the "
+                              "adapter or the changed weights, loss curves, a manifest and a report to a run folder.",
+                              epilog=FINETUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune.add_argument("--model", help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL})")
+    finetune.add_argument("--data", help=f"JSON/JSONL file or hub data set id (default: {BUNDLED_DATA})")
+    finetune.add_argument("--selection", help="selection.json from `ila select` (default: all layers)")
+    finetune.add_argument("--method", choices=["lora", "adalora", "qlora", "full"], help="default lora")
+    finetune.add_argument("--config", help="YAML file with sections model, data, lora, finetune, adalora, qlora, run")
+    finetune.add_argument("--output", help="run folder (default runs/finetune-<timestamp>)")
+    finetune.add_argument("--seed", type=int, help="random seed (run.seed)")
+    finetune.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
+    finetune.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    finetune.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+    export = sub.add_parser("export", help="write a selection as a PEFT/TRL/axolotl/LLaMA-Factory/... config",
+                            description="Write a selection as another trainer's config, verified against the "
+                            "model before anything is written.",
+                            epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("--selection", required=True, help="selection.json from `ila select`")
+    export.add_argument("--to", required=True, choices=["peft", "trl", "axolotl", "llama-factory", "ms-swift",
+                                                         "unsloth", "spectrum"], help="the trainer")
+    export.add_argument("--method", choices=["lora", "full"],
+                        help="LoRA on the selection or full fine-tuning of its weights (default: lora; spectrum: full)")
+    export.add_argument("--model", help="verify on this model (default: the model the selection names, meta device)")
+    export.add_argument("--meta", action="store_true", help="build --model on the meta device instead of loading it")
+    export.add_argument("--lora-r", type=int, help="LoRA rank (default: the selection's)")
+    export.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2*r)")
+    export.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    export.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
+    export.add_argument("--output", required=True, help="the file to write")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
 
 
@@ -152,6 +246,85 @@ def _layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ila.selection import SelectionRule, parse_param_count, select_from_file
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise IlaError(f"{output} already exists; choose another --output or pass --overwrite")
+    common = {"method": args.method, "lora_r": args.lora_r, "batch_size": args.batch_size, "seq_len": args.max_length}
+    if args.top is not None:
+        try:
+            rule = SelectionRule("top_count", float(int(args.top)), **common)
+        except ValueError:
+            try:
+                rule = SelectionRule("top_fraction", float(args.top), **common)
+            except ValueError:
+                raise IlaError(f"--top {args.top}: give a count (12) or a fraction (0.3)") from None
+    elif args.freeze_bottom is not None:
+        rule = SelectionRule("freeze_bottom", args.freeze_bottom, **common)
+    elif args.param_budget is not None:
+        rule = SelectionRule("param_budget", parse_param_count(args.param_budget), **common)
+    else:
+        rule = SelectionRule("memory_budget", args.memory_budget, **common)
+    selection = select_from_file(args.ranking, rule, args.model, args.trust_remote_code)
+    selection.save(output)
+    print(f"{output}: {selection.summary()}")
+    for layer in selection.layers[:12]:
+        print(f"  {layer.name}  (rank {layer.rank})")
+    if len(selection.layers) > 12:
+        print(f"  ... and {len(selection.layers) - 12} more (model order) in {output}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from ila.config import FinetuneConfig
+
+    extra: dict[str, dict[str, object]] = {}
+    for flag, section, key in (("model", "model", "name"), ("data", "data", "path"), ("output", "run", "output"),
+                               ("seed", "run", "seed"), ("selection", "finetune", "selection"),
+                               ("method", "finetune", "method")):
+        if getattr(args, flag) is not None:
+            extra.setdefault(section, {})[key] = getattr(args, flag)
+    cfg = load_config(FinetuneConfig, args.config, args.overrides, extra)
+    if args.print_config:
+        import yaml
+
+        from ila.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from ila.finetune import run_finetune
+
+    result = run_finetune(cfg, overwrite=args.overwrite)
+    times = result.loop.step_seconds
+    print(f"run folder: {result.run_dir}")
+    print(f"{cfg.finetune.method} on {result.selection.description}: {result.trainable_params:,} trainable "
+          f"parameters; lowest selected block {result.selection.lowest_block}")
+    print(f"held-out loss: base {result.heldout[0]['loss']:.4f} -> {result.heldout[-1]['loss']:.4f} after "
+          f"{result.loop.steps_run} steps")
+    if times:
+        print(f"median step {statistics.median(times):.3f} s, {result.loop.tokens_per_second:.0f} tokens/s; peak "
+              "memory " + ", ".join(f"{k} {v:.2f}" for k, v in result.memory.items()))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ila.export import run_export
+
+    result = run_export(args.selection, args.to, args.output, model=args.model, meta=args.meta, method=args.method,
+                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    print(f"{args.output}: {args.to} ({result.method})")
+    for check in result.checks:
+        print(f"  verified: {check}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def _configure_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -169,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     _configure_logging(args.quiet)
-    handlers = {"identify": _identify, "layers": _layers}
+    handlers = {"identify": _identify, "layers": _layers, "select": _select, "finetune": _finetune,
+                "export": _export}
     try:
         return handlers[args.command](args)
     except IlaError as err:

@@ -141,6 +141,94 @@ class IdentifyConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+FINETUNE_METHODS = ("lora", "adalora", "qlora", "full")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """`ila finetune`: which method trains the selected layers, from the base model, and for how long."""
+
+    method: Literal["lora", "adalora", "qlora", "full"] = "lora"
+    selection: str | None = None  # selection.json; None = every linear layer of every block (the baseline)
+    max_steps: int = 100
+    batch_size: int = 4
+    lr: float | None = None  # None: 1e-3 for lora/adalora/qlora, 1e-5 for full
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 20  # held-out loss every N steps (and always before the first and after the last)
+    save_model: bool = False  # method full: also save the whole model (save_pretrained) beside the changed tensors
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise IlaError("finetune.max_steps, finetune.batch_size and finetune.eval_every must be >= 1")
+        if self.lr is not None and self.lr <= 0:
+            raise IlaError(f"finetune.lr={self.lr} must be > 0")
+        if self.warmup_steps < 0:
+            raise IlaError(f"finetune.warmup_steps={self.warmup_steps} must be >= 0")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-5 if self.method == "full" else 1e-3
+
+
+@dataclass(frozen=True)
+class AdaLoraSettings:
+    """AdaLoRA (method adalora): ranks start at init_r and are pruned to an average target_r during training."""
+
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int | None = None  # warm-up steps without pruning; None: 10% of finetune.max_steps
+    tfinal: int | None = None  # final steps with fixed ranks; None: 20% of finetune.max_steps
+    delta_t: int = 1  # steps between two rank allocations
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.target_r < 1 or self.target_r >= self.init_r:  # PEFT's rank allocator fails when they are equal
+            raise IlaError(f"adalora.init_r={self.init_r} and adalora.target_r={self.target_r} must satisfy "
+                           "1 <= target_r < init_r")
+        if self.delta_t < 1:
+            raise IlaError(f"adalora.delta_t={self.delta_t} must be >= 1")
+        if self.orth_reg_weight < 0:
+            raise IlaError(f"adalora.orth_reg_weight={self.orth_reg_weight} must be >= 0")
+
+    def schedule(self, max_steps: int) -> tuple[int, int]:
+        """(tinit, tfinal) for a run of `max_steps`; AdaLoRA needs a pruning phase between them."""
+        tinit = self.tinit if self.tinit is not None else max_steps // 10
+        tfinal = self.tfinal if self.tfinal is not None else max_steps // 5
+        if tinit + tfinal >= max_steps:
+            raise IlaError(f"adalora.tinit={tinit} + adalora.tfinal={tfinal} must be < finetune.max_steps="
+                           f"{max_steps}, so that AdaLoRA has steps left to allocate ranks")
+        return tinit, tfinal
+
+
+@dataclass(frozen=True)
+class QLoraSettings:
+    """QLoRA (method qlora): the base model in 4 bits via bitsandbytes (CUDA only), LoRA on the selected layers."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    gradient_checkpointing: bool = True
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything `ila finetune` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
+    qlora: QLoraSettings = field(default_factory=QLoraSettings)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
 T = TypeVar("T")
 
 

@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from ila.config import LoraSettings
+from ila.config import AdaLoraSettings, LoraSettings
 from ila.layers import Layer
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,12 @@ def snapshot(factors: Sequence[LoraFactors]) -> list[LoraFactors]:
 
 
 def _lowrank_sq_norm(u: torch.Tensor, v: torch.Tensor) -> float:
-    """|U V|_F^2 = trace((U^T U)(V V^T)) for U (out, k) and V (k, in): no out x in matrix is formed."""
-    return float(torch.sum((u.T @ u) * (v @ v.T).T))
+    """|U V|_F^2 = trace((U^T U)(V V^T)) for U (out, k) and V (k, in): no out x in matrix is formed.
+
+    In float64 and clamped at 0: for a tiny change the trace cancels, and float32 rounding made it negative.
+    """
+    u, v = u.double(), v.double()
+    return max(0.0, float(torch.sum((u.T @ u) * (v @ v.T).T)))
 
 
 def update_sq_norms(factors: Sequence[LoraFactors]) -> list[float]:
@@ -155,3 +159,93 @@ class LayerMask:
 
     def __exit__(self, *_exc: object) -> None:
         self.remove()
+
+
+# ------------------------------------------------------- selective fine-tuning (`ila finetune`) and export checks
+
+
+def attach_adalora(model: PreTrainedModel, layers: Sequence[Layer], lora: LoraSettings, adalora: AdaLoraSettings,
+                   total_step: int) -> PeftModel:
+    """Wrap `model` with AdaLoRA on exactly `layers`; `total_step` is the planned number of optimizer steps."""
+    from peft import AdaLoraConfig
+
+    tinit, tfinal = adalora.schedule(total_step)
+    config = AdaLoraConfig(
+        init_r=adalora.init_r,
+        target_r=adalora.target_r,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=adalora.delta_t,
+        beta1=adalora.beta1,
+        beta2=adalora.beta2,
+        orth_reg_weight=adalora.orth_reg_weight,
+        total_step=total_step,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=[layer.name for layer in layers],
+        fan_in_fan_out=uses_conv1d(model, layers),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return get_peft_model(model, config)  # type: ignore[return-value]
+
+
+def adalora_update(peft_model: nn.Module, step: int) -> None:
+    """AdaLoRA's rank allocation; must run after the optimizer step and before the gradients are cleared."""
+    peft_model.base_model.update_and_allocate(step)  # type: ignore[union-attr, operator]
+
+
+def adalora_orthogonal_penalty(peft_model: nn.Module) -> torch.Tensor:
+    """AdaLoRA's orthogonality regulariser, weighted: orth_reg_weight * mean ‖PᵀP − I‖_F over the A and B factors.
+
+    PEFT adds it only when the model computes its own loss from `labels`; ila's `sft_loss` computes the loss
+    itself, so the fine-tuning stage adds this term explicitly.
+    """
+    weight = float(peft_model.peft_config[ADAPTER].orth_reg_weight)  # type: ignore[index, union-attr]
+    terms = []
+    for name, param in unwrap(peft_model).named_parameters():
+        if f".{ADAPTER}" not in name or not ("lora_A" in name or "lora_B" in name):
+            continue
+        cov = param @ param.T if "lora_A" in name else param.T @ param
+        eye = torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype)
+        terms.append(torch.linalg.matrix_norm(cov - eye))
+    if not terms or weight == 0:
+        return torch.zeros((), device=next(peft_model.parameters()).device)
+    return weight * torch.stack(terms).mean()
+
+
+def prepare_quantized_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    """PEFT's preparation of a 4-bit model for QLoRA (norms in fp32, input gradients, optional checkpointing)."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(  # type: ignore[no-any-return]
+        model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def adapted_module_names(peft_model: nn.Module) -> list[str]:
+    """Full names (without PEFT's prefix) of the modules that carry an adapter."""
+    names = getattr(getattr(peft_model, "base_model", None), "targeted_module_names", None)
+    if names is None:
+        raise TypeError(f"{type(peft_model).__name__} is not a PEFT model")
+    return list(names)
+
+
+def lora_targets(model: nn.Module, target_modules: list[str] | str, fan_in_fan_out: bool = False) -> list[str]:
+    """Module names on which PEFT would put LoRA for this `target_modules` value (a list or one regex).
+
+    Injects adapters into `model`, so pass a throwaway copy (e.g. built on the meta device). Returns [] when PEFT
+    finds no module to adapt.
+    """
+    config = LoraConfig(r=1, target_modules=target_modules, fan_in_fan_out=fan_in_fan_out, bias="none",
+                        task_type="CAUSAL_LM")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = get_peft_model(model, config)  # type: ignore[arg-type]
+    except ValueError as err:
+        if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
+            return []
+        raise
+    return adapted_module_names(peft_model)

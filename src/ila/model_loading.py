@@ -151,12 +151,21 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedModel:
-    """Load model and tokenizer for training on `device`; every failure becomes one IlaError line."""
+def load_model(cfg: ModelConfig, device: torch.device | None = None,
+               quantization_config: Any | None = None) -> LoadedModel:
+    """Load model and tokenizer for training on `device`; every failure becomes one IlaError line.
+
+    With a `quantization_config` (QLoRA's 4-bit BitsAndBytesConfig) the weights are quantized while loading and
+    placed on `device` by transformers.
+    """
     device = device or pick_device("auto")
     path, is_local = resolve_model_path(cfg.name)
     dtype = pick_dtype(cfg.dtype, device)
     common: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    placement: dict[str, Any] = {}
+    if quantization_config is not None:
+        where: int | str = (device.index or 0) if device.type == "cuda" else str(device)
+        placement = {"quantization_config": quantization_config, "device_map": {"": where}}
     if cfg.revision and not is_local:
         common["revision"] = cfg.revision
     try:
@@ -168,7 +177,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMo
         raise IlaError(f"{cfg.name} is an encoder-decoder model ({config.model_type}); ila needs a decoder-only LM")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None, **common)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None, **placement, **common)
     except ValueError as err:
         raise IlaError(
             f"unsupported architecture for a causal LM: {config.model_type} ({_first_line(err)})"
@@ -177,9 +186,28 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMo
         raise IlaError(f"could not load {cfg.name}: {_first_line(err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    if quantization_config is None:
+        model.to(device)
     fingerprint = fingerprint_model_files(Path(path)) if is_local else f"hub:{path}@{cfg.revision or 'main'}"
     return LoadedModel(model, tokenizer, cfg.name, path, fingerprint, device)
+
+
+def load_model_skeleton(cfg: ModelConfig) -> PreTrainedModel:
+    """The model's module tree on the meta device, built from its config alone: names and shapes, no weights.
+
+    Enough to check which modules a selection or an exported trainer config touches, at no memory cost.
+    """
+    path, is_local = resolve_model_path(cfg.name)
+    common: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision and not is_local:
+        common["revision"] = cfg.revision
+    try:
+        config = AutoConfig.from_pretrained(path, **common)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise IlaError(f"could not build the module tree of {cfg.name} from its config: {_first_line(err)}") from None
+    return model  # type: ignore[no-any-return]
 
 
 def _first_line(err: BaseException) -> str:

@@ -253,9 +253,11 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_gen
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         return str(text)
-    text = "".join(FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages)
-    if messages and messages[-1]["role"] == "assistant":
-        text = text[: -1] + (tokenizer.eos_token or "") + "\n"
+    eos = tokenizer.eos_token or ""  # closes every assistant turn, so earlier turns render the same each time
+    text = ""
+    for m in messages:
+        end = eos if m["role"] == "assistant" else ""
+        text += FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"] + end)
     if add_generation_prompt:
         text += "<|assistant|>\n"
     return text
@@ -288,8 +290,13 @@ def tokenize_messages(tokenizer: PreTrainedTokenizerBase, messages: list[Message
             if not piece:
                 continue
             piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            piece_labels = list(piece_ids) if trainable else [IGNORE_INDEX] * len(piece_ids)
+            eos = tokenizer.eos_token_id
+            if trainable and eos in piece_ids:  # the turn ends at its end token; a newline after it is never generated
+                end = len(piece_ids) - piece_ids[::-1].index(eos)
+                piece_labels[end:] = [IGNORE_INDEX] * (len(piece_ids) - end)
             ids += piece_ids
-            labels += piece_ids if trainable else [IGNORE_INDEX] * len(piece_ids)
+            labels += piece_labels
     return Example(ids, labels)
 
 

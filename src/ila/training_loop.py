@@ -78,8 +78,12 @@ def train(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     grad_clip: float | None = None,
     after_step: Callable[[int, float], bool] | None = None,
+    before_zero_grad: Callable[[int], None] | None = None,
 ) -> LoopResult:
     """Run up to `max_steps` optimizer steps; `after_step(step, loss)` returning True stops early.
+
+    `before_zero_grad(step)` runs after the optimizer step while the gradients still exist (AdaLoRA's
+    `update_and_allocate` reads them to score and prune ranks).
 
     A non-finite loss stops the loop before the optimizer touches the weights and raises `NonFiniteLossError`
     naming the step, so whatever was saved before stays valid.
@@ -102,6 +106,8 @@ def train(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if before_zero_grad is not None:
+                before_zero_grad(step)
             optimizer.zero_grad(set_to_none=True)
             result.step_seconds.append(time.perf_counter() - started)
             result.losses.append(value)

@@ -1,0 +1,501 @@
+"""Selection: turn a ranking into the layers to fine-tune (top-K, freeze-bottom, parameter or memory budget).
+
+Reads a ranking.json (ILA or any baseline) and, for layer shapes and model order, the model's module tree (built
+on the meta device from its config, no weights); writes selection.json, which `ila finetune` and `ila export` read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from ila.config import ModelConfig
+from ila.errors import IlaError
+from ila.layers import Layer, discover_layers
+from ila.ranking import LayerScore, Ranking, load_ranking
+from ila.run_folder import write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+RuleKind = Literal["top_count", "top_fraction", "freeze_bottom", "param_budget", "memory_budget", "all"]
+BudgetMethod = Literal["lora", "qlora", "full"]
+
+# Memory estimate (see `estimate_training_memory`).
+ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 34  # per block at 16-bit (Korthikanti et al. 2022, no attention-score term)
+QLORA_BYTES_PER_WEIGHT = 0.52  # NF4: 4 bits plus double-quantised block constants
+ADAM_FP32_BYTES = 8  # Adam's two moments in fp32
+LORA_BYTES_PER_PARAM = 16  # fp32 adapter weight, gradient and Adam's two moments
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How layers are picked from a ranking; saved in selection.json so a selection can be reproduced.
+
+    `value` is a count (top_count), a fraction (top_fraction, freeze_bottom), a number of trainable parameters
+    (param_budget) or GB of estimated training memory (memory_budget). `method` says which parameters a budget
+    counts: LoRA factors r·(in+out) per layer (lora, qlora) or the weight itself in·out (full).
+    """
+
+    kind: RuleKind
+    value: float | None = None
+    method: BudgetMethod = "lora"
+    lora_r: int = 8
+    batch_size: int = 4  # memory estimate: sequences per step
+    seq_len: int = 256  # memory estimate: tokens per sequence
+    weight_bytes: float = 2.0  # memory estimate: bf16 weights, ila's default on CUDA
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 1:
+            raise IlaError(f"lora r={self.lora_r} must be >= 1")
+        if self.batch_size < 1 or self.seq_len < 1:
+            raise IlaError("the memory estimate needs batch size and sequence length >= 1")
+
+
+def top(value: int | float) -> SelectionRule:
+    """`top(12)`: the 12 best layers; `top(0.3)`: the best 30%."""
+    if isinstance(value, bool):
+        raise IlaError(f"top={value!r} must be a count (whole number) or a fraction")
+    return SelectionRule("top_count" if isinstance(value, int) else "top_fraction", float(value))
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What selection needs from the model beyond the ranking: layer shapes, model order and sizes."""
+
+    layers: list[Layer]  # in model order
+    total_params: int
+    hidden_size: int
+    vocab_size: int
+    n_blocks: int
+
+    @classmethod
+    def of(cls, model: nn.Module, include_lm_head: bool = False) -> ModelShapes:
+        layers = discover_layers(model, include_lm_head)
+        getter = getattr(model, "get_input_embeddings", None)
+        embeddings = getter() if callable(getter) else None
+        if not isinstance(embeddings, nn.Embedding):
+            raise IlaError(f"{type(model).__name__} has no input embedding table; cannot estimate its memory")
+        return cls(
+            layers,
+            sum(p.numel() for p in model.parameters()),
+            int(embeddings.embedding_dim),
+            int(embeddings.num_embeddings),
+            len({layer.block for layer in layers if layer.block >= 0}),
+        )
+
+    def by_name(self) -> dict[str, Layer]:
+        return {layer.name: layer for layer in self.layers}
+
+
+def model_shapes(model: str, include_lm_head: bool = False, trust_remote_code: bool = False) -> ModelShapes:
+    """Shapes of a model from its config alone (meta device: no weights are read)."""
+    from ila.model_loading import load_model_skeleton
+
+    skeleton = load_model_skeleton(ModelConfig(name=model, trust_remote_code=trust_remote_code))
+    return ModelShapes.of(skeleton, include_lm_head)
+
+
+@dataclass(frozen=True)
+class SelectedLayer:
+    name: str
+    block: int  # -1 for lm_head
+    module_type: str
+    rank: int  # in the source ranking (1 = most important)
+    n_params: int  # in·out: trainable parameters under full fine-tuning
+    lora_params: int | None  # r·(in+out) at the selection's LoRA rank; None when the shapes are unknown
+
+
+@dataclass
+class Selection:
+    """The chosen layers (in model order) and what training them is expected to cost."""
+
+    layers: list[SelectedLayer]
+    rule: SelectionRule
+    description: str
+    ranking_method: str
+    ranking_path: str | None
+    model: str | None
+    n_layers: int  # layers in the ranking (all candidates)
+    n_blocks: int
+    trainable_params: dict[str, int | None]  # {"lora": r·Σ(in+out) or None, "full": Σ in·out}
+    lowest_block: int | None  # the backward pass must reach this block: the depth cost
+    backward_blocks: int  # blocks the backward pass runs through (n_blocks − lowest_block)
+    memory_estimate: dict[str, float] | None = None  # GB, for rule.method; None without model shapes
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "description": self.description,
+            "rule": asdict(self.rule),
+            "ranking_method": self.ranking_method,
+            "ranking_path": self.ranking_path,
+            "model": self.model,
+            "n_selected": len(self.layers),
+            "n_layers": self.n_layers,
+            "n_blocks": self.n_blocks,
+            "trainable_params": self.trainable_params,
+            "lowest_block": self.lowest_block,
+            "backward_blocks": self.backward_blocks,
+            "memory_estimate_gb": self.memory_estimate,
+            "info": self.info,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    def summary(self) -> str:
+        lora = self.trainable_params.get("lora")
+        parts = [
+            f"{self.description}",
+            f"trainable parameters: full {self.trainable_params['full']:,}"
+            + (f", LoRA r={self.rule.lora_r} {lora:,}" if lora is not None else ", LoRA unknown (no shapes)"),
+        ]
+        if self.lowest_block is not None:
+            parts.append(
+                f"lowest selected block {self.lowest_block} of {self.n_blocks}: backward runs through "
+                f"{self.backward_blocks} blocks"
+            )
+        if self.memory_estimate:
+            parts.append(f"estimated training memory ({self.rule.method}): {self.memory_estimate['total_gb']:.3g} GB")
+        return "; ".join(parts)
+
+
+def load_selection(path: str | Path) -> Selection:
+    """Read a selection.json written by `ila select`."""
+    p = Path(path)
+    if not p.is_file():
+        raise IlaError(f"selection not found: {path} (write one with `ila select`)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        return Selection(
+            layers=[SelectedLayer(**entry) for entry in data["layers"]],
+            rule=SelectionRule(**data["rule"]),
+            description=data["description"],
+            ranking_method=data["ranking_method"],
+            ranking_path=data.get("ranking_path"),
+            model=data.get("model"),
+            n_layers=int(data["n_layers"]),
+            n_blocks=int(data["n_blocks"]),
+            trainable_params=data["trainable_params"],
+            lowest_block=data.get("lowest_block"),
+            backward_blocks=int(data["backward_blocks"]),
+            memory_estimate=data.get("memory_estimate_gb"),
+            info=data.get("info", {}),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise IlaError(f"{p}: not a valid ila selection file ({type(err).__name__}: {err})") from None
+
+
+# ------------------------------------------------------------------------------------------- cost model
+
+
+def lora_param_count(layer: Layer, r: int) -> int:
+    """Parameters of one LoRA adapter: A (r x in) and B (out x r)."""
+    return r * (layer.in_features + layer.out_features)
+
+
+def estimate_training_memory(selected: Sequence[Layer], shapes: ModelShapes, rule: SelectionRule) -> dict[str, float]:
+    """A rough estimate (GB) of training memory for `selected` layers, to compare selections against a budget.
+
+    - weights: every parameter at `rule.weight_bytes` (block linears at 0.52 bytes for qlora's NF4);
+    - trainable state: LoRA adapters in fp32 with gradient and Adam's two moments (16 bytes per parameter), or
+      for full fine-tuning a gradient at the weight's precision plus Adam's fp32 moments (2 + 8 bytes);
+    - activations kept for backward: 34·b·s·h bytes per block at 16 bits (Korthikanti et al. 2022, without the
+      attention scores that SDPA/flash attention do not store), only for blocks from the lowest selected block up,
+      because the backward pass stops there (the depth cost); no gradient checkpointing;
+    - logits: b·s·vocab in fp32, and their gradient.
+    Not counted: framework overhead, allocator fragmentation, CUDA context. Measure the real peak with
+    `ila finetune` (manifest: peak_cuda_gb).
+    """
+    gb = 1024**3
+    linear = sum(layer.n_params for layer in shapes.layers if layer.block >= 0)
+    per_linear = QLORA_BYTES_PER_WEIGHT if rule.method == "qlora" else rule.weight_bytes
+    weights = (shapes.total_params - linear) * rule.weight_bytes + linear * per_linear
+    if rule.method == "full":
+        state = sum(layer.n_params for layer in selected) * (rule.weight_bytes + ADAM_FP32_BYTES)
+    else:
+        state = sum(lora_param_count(layer, rule.lora_r) for layer in selected) * LORA_BYTES_PER_PARAM
+    blocks = [layer.block for layer in selected if layer.block >= 0]
+    depth = shapes.n_blocks - min(blocks) if blocks else 0
+    tokens = rule.batch_size * rule.seq_len
+    activations = depth * ACTIVATION_BYTES_PER_TOKEN_HIDDEN * tokens * shapes.hidden_size * rule.weight_bytes / 2
+    logits = 2 * tokens * shapes.vocab_size * 4 if selected else 0
+    out = {
+        "weights_gb": weights / gb,
+        "trainable_state_gb": state / gb,
+        "activations_gb": activations / gb,
+        "logits_gb": logits / gb,
+    }
+    out["total_gb"] = sum(out.values())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- selecting
+
+
+def _check_rule(rule: SelectionRule, n: int) -> None:
+    value = rule.value
+    if rule.kind != "all" and value is None:
+        raise IlaError(f"selection rule {rule.kind} needs a value")
+    if rule.kind == "top_count":
+        assert value is not None
+        if value != int(value) or value < 1:
+            raise IlaError(f"top={value:g}: give a whole number of layers >= 1, or a fraction in (0, 1]")
+        if value > n:
+            raise IlaError(f"top={int(value)} but the ranking has only {n} layers")
+    elif rule.kind == "top_fraction":
+        assert value is not None
+        if not 0 < value <= 1:
+            raise IlaError(f"top={value:g}: a fraction must lie in (0, 1] (give a whole number for a count)")
+    elif rule.kind == "freeze_bottom":
+        assert value is not None
+        if not 0 <= value < 1:
+            raise IlaError(f"freeze_bottom={value:g}: the frozen fraction must lie in [0, 1)")
+        if n - round(value * n) < 1:
+            raise IlaError(f"freeze_bottom={value:g} freezes all {n} layers; freeze a smaller fraction")
+    elif rule.kind in ("param_budget", "memory_budget"):
+        assert value is not None
+        if value <= 0:
+            unit = "parameters" if rule.kind == "param_budget" else "GB"
+            raise IlaError(f"{rule.kind}={value:g}: a budget must be > 0 {unit}")
+
+
+def _greedy(entries: Sequence[LayerScore], fits: Callable[[list[LayerScore]], bool]) -> list[LayerScore]:
+    """Walk the ranking best first; take a layer when the selection with it still fits, else skip it.
+
+    Skipping (rather than stopping at the first misfit) spends the budget on the best layers that fit, so a big
+    MLP matrix that does not fit does not block a smaller, lower-ranked attention matrix. The cost of a
+    selection never falls when a layer is added, so the result never exceeds the budget.
+    """
+    chosen: list[LayerScore] = []
+    for entry in entries:
+        if fits([*chosen, entry]):
+            chosen.append(entry)
+    return chosen
+
+
+def select(
+    ranking: Ranking, rule: SelectionRule, shapes: ModelShapes | None = None, ranking_path: str | None = None
+) -> Selection:
+    """Apply `rule` to `ranking`; `shapes` (from the model) give LoRA parameter counts, model order and memory."""
+    entries = ranking.layers
+    n = len(entries)
+    if n == 0:
+        raise IlaError(f"ranking {ranking_path or ''} has no layers".replace("  ", " "))
+    _check_rule(rule, n)
+    by_name = shapes.by_name() if shapes is not None else None
+    if by_name is not None:
+        missing = [e.name for e in entries if e.name not in by_name]
+        if missing:
+            raise IlaError(
+                f"the ranking does not match the model: layer {missing[0]} (and {len(missing) - 1} more) "
+                "not found in it; rank and select with the same model"
+            )
+
+    def layer_of(entry: LayerScore) -> Layer:
+        assert by_name is not None
+        return by_name[entry.name]
+
+    def need_shapes(what: str) -> None:
+        if by_name is None:
+            raise IlaError(f"{what} needs the model's layer shapes: pass --model (the ranking names no loadable model)")
+
+    value = rule.value
+    if rule.kind == "all":
+        chosen = list(entries)
+    elif rule.kind == "top_count":
+        assert value is not None
+        chosen = list(entries[: int(value)])
+    elif rule.kind == "top_fraction":
+        assert value is not None
+        chosen = list(entries[: max(1, round(value * n))])
+    elif rule.kind == "freeze_bottom":
+        assert value is not None
+        chosen = list(entries[: n - round(value * n)])
+    elif rule.kind == "param_budget":
+        assert value is not None
+        if rule.method == "full":
+
+            def cost(entry: LayerScore) -> int:
+                return entry.n_params
+        else:
+            need_shapes(f"a {rule.method} parameter budget")
+
+            def cost(entry: LayerScore) -> int:
+                return lora_param_count(layer_of(entry), rule.lora_r)
+
+        budget = value
+        chosen = _greedy(entries, lambda trial: sum(cost(e) for e in trial) <= budget)
+        if not chosen:
+            smallest = min(entries, key=cost)
+            raise IlaError(
+                f"parameter budget {value:,.0f} is below the smallest layer ({smallest.name}: "
+                f"{cost(smallest):,} {rule.method} parameters)"
+            )
+    else:  # memory_budget
+        assert value is not None
+        need_shapes("a memory budget")
+        assert shapes is not None
+        fixed = estimate_training_memory([], shapes, rule)["total_gb"]
+        if fixed >= value:
+            raise IlaError(
+                f"memory budget {value:g} GB is below the frozen model alone ({fixed:.3g} GB of weights "
+                f"at {rule.weight_bytes:g} bytes each)"
+            )
+
+        def memory(trial: list[LayerScore]) -> float:
+            return estimate_training_memory([layer_of(e) for e in trial], shapes, rule)["total_gb"]
+
+        budget_gb = value
+        chosen = _greedy(entries, lambda trial: memory(trial) <= budget_gb)
+        if not chosen:
+            cheapest = min(entries, key=lambda e: memory([e]))
+            raise IlaError(
+                f"memory budget {value:g} GB is below the cheapest single-layer selection "
+                f"({cheapest.name}: {memory([cheapest]):.3g} GB estimated)"
+            )
+    return _build(ranking, rule, chosen, shapes.layers if shapes is not None else None, shapes, ranking_path)
+
+
+def _build(
+    ranking: Ranking,
+    rule: SelectionRule,
+    chosen: list[LayerScore],
+    known: Sequence[Layer] | None,
+    shapes: ModelShapes | None,
+    ranking_path: str | None,
+) -> Selection:
+    """Assemble the Selection; `known` layers give model order and LoRA counts, `shapes` the memory estimate."""
+    by_name = {layer.name: layer for layer in known} if known is not None else None
+    if by_name is not None:
+        position = {name: i for i, name in enumerate(by_name)}
+        ordered = sorted(chosen, key=lambda e: position[e.name])
+    else:  # without the model: by block (the output head last), then by name
+        ordered = sorted(chosen, key=lambda e: (e.block if e.block >= 0 else 1 << 30, e.name))
+    selected = [
+        SelectedLayer(
+            e.name,
+            e.block,
+            e.module_type,
+            e.rank,
+            e.n_params,
+            lora_param_count(by_name[e.name], rule.lora_r) if by_name is not None else None,
+        )
+        for e in ordered
+    ]
+    blocks = [layer.block for layer in selected if layer.block >= 0]
+    lowest = min(blocks) if blocks else None
+    lora_counts = [layer.lora_params for layer in selected]
+    trainable: dict[str, int | None] = {
+        "lora": None if None in lora_counts else sum(c for c in lora_counts if c is not None),
+        "full": sum(layer.n_params for layer in selected),
+    }
+    memory = None
+    if shapes is not None and by_name is not None:
+        memory = estimate_training_memory([by_name[layer.name] for layer in selected], shapes, rule)
+    kept = ("model_fingerprint", "data", "data_sha256", "seed", "milestone")
+    info: dict[str, Any] = {k: ranking.info[k] for k in kept if k in ranking.info}
+    return Selection(
+        layers=selected,
+        rule=rule,
+        description=describe(rule, len(selected), len(ranking.layers), trainable),
+        ranking_method=ranking.method,
+        ranking_path=ranking_path,
+        model=ranking.info.get("model"),
+        n_layers=len(ranking.layers),
+        n_blocks=ranking.n_blocks,
+        trainable_params=trainable,
+        lowest_block=lowest,
+        backward_blocks=ranking.n_blocks - lowest if lowest is not None else 0,
+        memory_estimate=memory,
+        info=info,
+    )
+
+
+def describe(rule: SelectionRule, k: int, n: int, trainable: dict[str, int | None]) -> str:
+    """One line saying what was selected and by which rule."""
+    share = f"{k} of {n} layers ({k / n:.0%})"
+    value = rule.value
+    if rule.kind == "all":
+        return f"all {n} layers"
+    if rule.kind in ("top_count", "top_fraction"):
+        return f"top {share}"
+    if rule.kind == "freeze_bottom":
+        return f"freeze the bottom {value:.0%}: top {share}"
+    count = trainable["full"] if rule.method == "full" else trainable["lora"]
+    counted = f"{rule.method}" + (f" r={rule.lora_r}" if rule.method != "full" else "")
+    if rule.kind == "param_budget":
+        return f"parameter budget {value:,.0f} ({counted}, greedy by rank): {share}, {count:,} parameters"
+    return (
+        f"memory budget {value:g} GB ({counted}, batch {rule.batch_size} x {rule.seq_len} tokens, greedy by "
+        f"rank): {share}"
+    )
+
+
+def all_layers(layers: Sequence[Layer], model: str | None, lora_r: int = 8) -> Selection:
+    """The baseline selection: every linear layer of every block (what `ila finetune` trains without a selection)."""
+    n_blocks = len({layer.block for layer in layers if layer.block >= 0})
+    entries = [
+        LayerScore(layer.name, layer.block, layer.module_type, 0.0, None, i + 1, layer.n_params)
+        for i, layer in enumerate(layers)
+    ]
+    ranking = Ranking("none", entries, n_blocks, {"model": model} if model else {})
+    return _build(ranking, SelectionRule("all", lora_r=lora_r), entries, layers, None, None)
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def parse_param_count(text: str) -> float:
+    """'2000000', '2e6', '1.5M', '300k' or '1B' as a number of parameters."""
+    raw = text.strip().replace(",", "").replace("_", "")
+    factor = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(raw[-1:].lower(), 1.0)
+    if factor != 1.0:
+        raw = raw[:-1]
+    try:
+        return float(raw) * factor
+    except ValueError:
+        raise IlaError(f"parameter budget '{text}' is not a number (examples: 2000000, 2e6, 1.5M, 300k)") from None
+
+
+def select_from_file(
+    ranking_path: str | Path, rule: SelectionRule, model: str | None = None, trust_remote_code: bool = False
+) -> Selection:
+    """Load a ranking, find the model's shapes (`model`, else the model the ranking names) and select.
+
+    Without any loadable model, counts that need layer shapes (LoRA parameters, memory) are left out; rules that
+    need them raise an IlaError asking for --model.
+    """
+    ranking = load_ranking(ranking_path)
+    include_head = any(entry.block < 0 for entry in ranking.layers)
+    shapes = None
+    name = model or ranking.info.get("model")
+    if name:
+        try:
+            shapes = model_shapes(str(name), include_head, trust_remote_code)
+        except IlaError as err:
+            if model:  # the user asked for this model: its failure is the error
+                raise
+            log.warning(
+                "layer shapes unavailable (the ranking names model %s: %s); pass --model for LoRA "
+                "parameter counts and memory estimates",
+                name,
+                err,
+            )
+    selection = select(ranking, rule, shapes, str(ranking_path))
+    if model:
+        selection.model = model
+    return selection

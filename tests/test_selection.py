@@ -1,0 +1,248 @@
+"""Selection: top-K, fractions, freeze-bottom, parameter and memory budgets, impossible rules, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_gpt2, tiny_llama
+from ila.cli import main
+from ila.errors import IlaError
+from ila.layers import Layer, discover_layers
+from ila.ranking import Ranking, rank_layers
+from ila.selection import (
+    ModelShapes,
+    SelectionRule,
+    estimate_training_memory,
+    load_selection,
+    lora_param_count,
+    parse_param_count,
+    select,
+    select_from_file,
+    top,
+)
+
+
+def random_ranking(layers: list[Layer], seed: int = 0, model: str | None = None) -> Ranking:
+    rng = random.Random(seed)
+    return rank_layers(layers, [rng.random() for _ in layers], "random", info={"model": model} if model else {})
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[list[Layer], ModelShapes]:
+    model = tiny_llama()
+    return discover_layers(model), ModelShapes.of(model)
+
+
+@pytest.fixture
+def ranking_file(tmp_path: Path, tiny_model_dir: Path, llama: tuple[list[Layer], ModelShapes]) -> Path:
+    random_ranking(llama[0], model=str(tiny_model_dir)).save(tmp_path)
+    return tmp_path / "ranking.json"
+
+
+def test_top_count_fraction_and_freeze_bottom(llama: tuple[list[Layer], ModelShapes]) -> None:
+    layers, shapes = llama
+    ranking = random_ranking(layers)
+    by_count = select(ranking, top(12), shapes)
+    assert set(by_count.names()) == set(ranking.top(12))
+    order = [layer.name for layer in layers]
+    assert by_count.names() == [n for n in order if n in set(by_count.names())]  # model order
+    assert len(select(ranking, top(0.3), shapes).layers) == round(0.3 * len(layers))
+    frozen = select(ranking, SelectionRule("freeze_bottom", 0.25), shapes)
+    assert set(frozen.names()) == set(select(ranking, top(0.75), shapes).names())
+    assert len(frozen.layers) == len(layers) - round(0.25 * len(layers))
+    assert set(select(ranking, SelectionRule("freeze_bottom", 0.0), shapes).names()) == set(order)
+
+
+def test_selection_reports_counts_and_depth(llama: tuple[list[Layer], ModelShapes]) -> None:
+    layers, shapes = llama
+    last_block = rank_layers(layers, [float(layer.block) for layer in layers], "last-k")
+    selection = select(last_block, top(7), shapes, ranking_path="r.json")
+    assert {layer.block for layer in selection.layers} == {3}
+    assert selection.lowest_block == 3 and selection.backward_blocks == 1
+    assert selection.trainable_params["full"] == sum(layer.n_params for layer in layers if layer.block == 3)
+    assert selection.trainable_params["lora"] == sum(lora_param_count(la, 8) for la in layers if la.block == 3)
+    assert all(s.module_type and s.block == 3 for s in selection.layers)
+    assert selection.ranking_method == "last-k" and selection.ranking_path == "r.json"
+    assert selection.n_layers == len(layers) and selection.n_blocks == 4
+
+
+def test_depth_costs_memory(llama: tuple[list[Layer], ModelShapes]) -> None:
+    """Same size, different depth: backward through all blocks stores more activations than through one."""
+    layers, shapes = llama
+    rule = SelectionRule("memory_budget", 1.0)
+    first = estimate_training_memory([la for la in layers if la.block == 0], shapes, rule)
+    last = estimate_training_memory([la for la in layers if la.block == 3], shapes, rule)
+    assert first["trainable_state_gb"] == last["trainable_state_gb"]
+    assert first["activations_gb"] == pytest.approx(4 * last["activations_gb"])
+    assert first["total_gb"] > last["total_gb"]
+
+
+@pytest.mark.parametrize("method,r", [("lora", 8), ("lora", 2), ("full", 8)])
+@pytest.mark.parametrize("budget", [384, 1000, 3000, 10_000, 25_000, 10**9])
+def test_param_budget_never_exceeded(llama: tuple[list[Layer], ModelShapes], method: str, r: int, budget: int) -> None:
+    layers, shapes = llama
+    by_name = {layer.name: layer for layer in layers}
+    ranking = random_ranking(layers, seed=budget)
+    rule = SelectionRule("param_budget", float(budget), method=method, lora_r=r)  # type: ignore[arg-type]
+
+    def cost(name: str) -> int:
+        return by_name[name].n_params if method == "full" else lora_param_count(by_name[name], r)
+
+    smallest = min(cost(layer.name) for layer in layers)
+    if budget < smallest:
+        with pytest.raises(IlaError, match="below the smallest layer"):
+            select(ranking, rule, shapes)
+        return
+    selection = select(ranking, rule, shapes)
+    spent = sum(cost(name) for name in selection.names())
+    assert 0 < spent <= budget
+    assert spent == selection.trainable_params["full" if method == "full" else "lora"]
+    left_out = [name for name in ranking.names() if name not in set(selection.names())]
+    assert all(spent + cost(name) > budget for name in left_out)  # greedy skipping: nothing else would fit
+
+
+@pytest.mark.parametrize("budget_gb", [0.0022, 0.003, 0.004, 0.05])
+def test_memory_budget_never_exceeded(llama: tuple[list[Layer], ModelShapes], budget_gb: float) -> None:
+    layers, shapes = llama
+    ranking = random_ranking(layers, seed=3)
+    selection = select(ranking, SelectionRule("memory_budget", budget_gb), shapes)
+    assert selection.memory_estimate is not None
+    assert 0 < selection.memory_estimate["total_gb"] <= budget_gb
+    chosen = [layer for layer in layers if layer.name in set(selection.names())]
+    again = estimate_training_memory(chosen, shapes, selection.rule)["total_gb"]
+    assert again == pytest.approx(selection.memory_estimate["total_gb"])
+
+
+@pytest.mark.parametrize(
+    "rule,message",
+    [
+        (top(29), "only 28 layers"),
+        (top(0), "whole number"),
+        (SelectionRule("top_fraction", -0.1), "fraction"),
+        (SelectionRule("top_fraction", 1.5), "fraction"),
+        (SelectionRule("freeze_bottom", 1.0), "frozen fraction"),
+        (SelectionRule("freeze_bottom", -0.2), "frozen fraction"),
+        (SelectionRule("freeze_bottom", 0.99), "freezes all"),
+        (SelectionRule("param_budget", 100.0), "below the smallest layer"),
+        (SelectionRule("param_budget", 100.0, method="full"), "below the smallest layer"),
+        (SelectionRule("param_budget", -5.0), "must be > 0"),
+        (SelectionRule("memory_budget", 1e-9), "below the frozen model"),
+        (SelectionRule("memory_budget", 0.0), "must be > 0"),
+    ],
+)
+def test_impossible_selections_are_one_line_errors(
+    llama: tuple[list[Layer], ModelShapes], rule: SelectionRule, message: str
+) -> None:
+    layers, shapes = llama
+    with pytest.raises(IlaError, match=message) as err:
+        select(random_ranking(layers), rule, shapes)
+    assert "\n" not in str(err.value)
+
+
+def test_without_shapes_lora_counts_are_unknown(llama: tuple[list[Layer], ModelShapes]) -> None:
+    layers, _ = llama
+    ranking = random_ranking(layers)
+    selection = select(ranking, top(5))
+    assert selection.trainable_params["lora"] is None and selection.memory_estimate is None
+    assert selection.trainable_params["full"] == sum(e.n_params for e in ranking.layers[:5])
+    with pytest.raises(IlaError, match="--model"):
+        select(ranking, SelectionRule("param_budget", 5000.0))
+    with pytest.raises(IlaError, match="--model"):
+        select(ranking, SelectionRule("memory_budget", 1.0))
+    assert select(ranking, SelectionRule("param_budget", 5000.0, method="full")).trainable_params["full"] <= 5000
+
+
+def test_ranking_of_another_model_is_refused(llama: tuple[list[Layer], ModelShapes]) -> None:
+    gpt2 = tiny_gpt2()
+    with pytest.raises(IlaError, match="does not match the model"):
+        select(random_ranking(llama[0]), top(3), ModelShapes.of(gpt2))
+
+
+def test_save_and_load_round_trip(tmp_path: Path, ranking_file: Path) -> None:
+    selection = select_from_file(ranking_file, SelectionRule("param_budget", 4000.0, lora_r=4))
+    assert selection.model is not None and selection.trainable_params["lora"] is not None
+    selection.save(tmp_path / "selection.json")
+    loaded = load_selection(tmp_path / "selection.json")
+    assert loaded.to_dict() == selection.to_dict()
+    with pytest.raises(IlaError, match="not found"):
+        load_selection(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"layers": []}')
+    with pytest.raises(IlaError, match="not a valid ila selection"):
+        load_selection(tmp_path / "bad.json")
+
+
+def test_parse_param_count() -> None:
+    assert parse_param_count("1.5M") == 1_500_000
+    assert parse_param_count("300k") == 300_000
+    assert parse_param_count("2e6") == 2_000_000
+    assert parse_param_count("1,000") == 1000
+    with pytest.raises(IlaError):
+        parse_param_count("lots")
+
+
+def test_cli_select(tmp_path: Path, ranking_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sel.json"
+    assert main(["-q", "select", "--ranking", str(ranking_file.parent), "--top", "0.25", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["n_selected"] == 7 and data["rule"]["kind"] == "top_fraction" and data["lowest_block"] is not None
+    assert data["trainable_params"]["lora"] > 0 and data["memory_estimate_gb"]["total_gb"] > 0
+    assert main(["-q", "select", "--ranking", str(ranking_file), "--param-budget", "3k", "--output", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "-q",
+                "select",
+                "--ranking",
+                str(ranking_file),
+                "--param-budget",
+                "3k",
+                "--method",
+                "full",
+                "--output",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["trainable_params"]["full"] <= 3000
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--top", "40"],
+        ["--top", "1.5"],
+        ["--top", "many"],
+        ["--freeze-bottom", "1"],
+        ["--param-budget", "10"],
+        ["--memory-budget", "0"],
+    ],
+)
+def test_cli_impossible_selection_exits_2_with_one_line(
+    tmp_path: Path, ranking_file: Path, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sel.json"
+    assert main(["-q", "select", "--ranking", str(ranking_file), *args, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ila: error: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_select_needs_one_rule(ranking_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["select", "--ranking", str(ranking_file), "--output", "x.json"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_select_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["select", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--param-budget" in out and "examples:" in out
