@@ -127,6 +127,7 @@ class RunConfig:
     threads: int | None = None  # torch CPU threads; default: all cores
     device: Literal["auto", "cpu", "cuda"] = "auto"
     report_top_fraction: float = 0.3  # the hard top-K mask evaluated in the report
+    checkpoint_every: int = 10  # steps between resumable checkpoints of a stage; 0 turns them off
 
 
 @dataclass(frozen=True)

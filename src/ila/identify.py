@@ -6,6 +6,7 @@ checked before the run folder is created, so a bad call leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import sys
@@ -85,10 +86,12 @@ def _mask_loss(model: torch.nn.Module, layers: list[Layer], keep: set[str], batc
 
 
 def _stage2_and_rank(cfg: IdentifyConfig, loaded: LoadedModel, peft_model: torch.nn.Module, layers: list[Layer],
-                     data: SftData, timings: Timings, info: dict[str, Any]) -> tuple[Stage2Result, Ranking]:
+                     data: SftData, timings: Timings, info: dict[str, Any],
+                     checkpoint: Path | None = None) -> tuple[Stage2Result, Ranking]:
     pad_id = int(loaded.tokenizer.pad_token_id)
     with timings.measure("stage 2"):
-        stage2 = run_stage2(peft_model, layers, data.train, cfg.stage2, cfg.run.seed, pad_id, loaded.device)
+        stage2 = run_stage2(peft_model, layers, data.train, cfg.stage2, cfg.run.seed, pad_id, loaded.device,
+                            checkpoint, cfg.run.checkpoint_every)
     ranking = rank_layers(layers, stage2.scores, "ila", stage2.gammas, info)
     return stage2, ranking
 
@@ -103,6 +106,33 @@ def run_identify(cfg: IdentifyConfig, overwrite: bool = False, command: str = ""
     manifest = _manifest_base(cfg, loaded, data, layers, command)
     manifest["status"] = "running"
     write_json(run_dir / "manifest.json", manifest)
+    return _execute(cfg, run_dir, loaded, layers, data, timings, manifest, started)
+
+
+def resume_identify(run_dir: Path, command: str = "") -> IdentifyResult:
+    """Continue an interrupted identify run from its last checkpoints; finished stages are not redone."""
+    if not (run_dir / "config.yaml").is_file():
+        raise IlaError(f"{run_dir} is not an ila identify run folder (no config.yaml)")
+    try:
+        previous = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        previous = {}
+    if previous.get("status") == "complete":
+        raise IlaError(f"{run_dir} is already complete; nothing to resume")
+    cfg = build_config(IdentifyConfig, read_yaml(run_dir / "config.yaml"))
+    timings = Timings()
+    started = time.perf_counter()
+    loaded, layers, data = prepare_inputs(cfg, timings)
+    if data.stats.fingerprint != previous.get("data", {}).get("sha256", data.stats.fingerprint):
+        raise IlaError(f"the data of {run_dir} changed since the run started (sha256 differs); start a new run")
+    manifest = _manifest_base(cfg, loaded, data, layers, command)
+    manifest.update(status="running", resumed=previous.get("resumed", 0) + 1)
+    write_json(run_dir / "manifest.json", manifest)
+    return _execute(cfg, run_dir, loaded, layers, data, timings, manifest, started)
+
+
+def _execute(cfg: IdentifyConfig, run_dir: Path, loaded: LoadedModel, layers: list[Layer], data: SftData,
+             timings: Timings, manifest: dict[str, Any], started: float) -> IdentifyResult:
     device = loaded.device
     pad_id = int(loaded.tokenizer.pad_token_id)
     heldout_batches = eval_batches(data.eval, cfg.stage1.batch_size, pad_id)
@@ -112,11 +142,12 @@ def run_identify(cfg: IdentifyConfig, overwrite: bool = False, command: str = ""
             heldout["base"] = heldout_loss(loaded.model, heldout_batches, device)
         with timings.measure("stage 1"):
             peft_model, stage1 = run_stage1(loaded.model, layers, data.train, cfg.lora, cfg.stage1, cfg.run.seed,
-                                            pad_id, device, run_dir / "stage1")
+                                            pad_id, device, run_dir / "stage1", cfg.run.checkpoint_every)
         with timings.measure("held-out evaluation"):
             heldout["stage1"] = heldout_loss(peft_model, heldout_batches, device)
         info = _ranking_info(cfg, loaded, data, milestone=None, stage1=stage1)
-        stage2, ranking = _stage2_and_rank(cfg, loaded, peft_model, layers, data, timings, info)
+        stage2, ranking = _stage2_and_rank(cfg, loaded, peft_model, layers, data, timings, info,
+                                           run_dir / "stage2" / "checkpoint.pt")
         top = set(ranking.top_fraction(cfg.run.report_top_fraction))
         with timings.measure("held-out evaluation"):
             heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
@@ -130,11 +161,11 @@ def run_identify(cfg: IdentifyConfig, overwrite: bool = False, command: str = ""
         plot_heatmap(ranking, run_dir / "heatmap.png", top_fraction=cfg.run.report_top_fraction)
     timings.seconds["total"] = time.perf_counter() - started
     memory = peak_memory()
-    manifest.update(status="complete", timings=timings.seconds, memory=memory,
-                    stage1=_stage1_summary(stage1), stage2=_loop_summary(stage2.loop), heldout_loss=heldout)
-    write_json(run_dir / "manifest.json", manifest)
     result = IdentifyResult(run_dir, ranking, stage1, stage2, heldout, timings.seconds, memory)
     write_identify_report(run_dir / "report.md", cfg, result, data.stats, layers)
+    manifest.update(status="complete", timings=timings.seconds, memory=memory,
+                    stage1=_stage1_summary(stage1), stage2=_loop_summary(stage2.loop), heldout_loss=heldout)
+    write_json(run_dir / "manifest.json", manifest)  # last: "complete" means every artifact is in place
     return result
 
 

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from ila.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from ila.config import LoraSettings, Stage1Config
 from ila.layers import Layer
 from ila.lora_adapters import (
+    LoraFactors,
     attach_lora,
     change_sq_norms,
     lora_factors,
@@ -68,8 +70,13 @@ def run_stage1(
     pad_id: int,
     device: torch.device,
     out_dir: Path,
+    checkpoint_every: int = 0,
 ) -> tuple[PeftModel, Stage1Result]:
-    """Train LoRA on `layers` and return the PEFT model with its result; artifacts go under `out_dir`."""
+    """Train LoRA on `layers` and return the PEFT model with its result; artifacts go under `out_dir`.
+
+    With `checkpoint_every` > 0 the stage saves `out_dir/checkpoint.pt` every that many steps and, when such a
+    checkpoint exists, continues from it: the result equals an uninterrupted run's.
+    """
     torch.manual_seed(seed)
     peft_model = attach_lora(model, layers, lora)  # type: ignore[arg-type]
     peft_model.train()
@@ -84,18 +91,48 @@ def run_stage1(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     factors = lora_factors(peft_model, layers)
     previous = snapshot(factors)
-    milestone_at = {step: p for p, step in milestone_steps(cfg.max_steps, cfg.milestones).items()}
+    milestone_at: dict[int, list[int]] = {}  # a list: with few steps two percentages can fall on one step
+    for percent, at_step in milestone_steps(cfg.max_steps, cfg.milestones).items():
+        milestone_at.setdefault(at_step, []).append(percent)
     milestones: dict[int, Path] = {}
     trace: list[dict[str, float]] = []
     losses: list[float] = []
     below = {"update": 0, "loss": 0}
     stopped_by = ["step cap"]
+    checkpoint_path = out_dir / "checkpoint.pt"
+    start, stopped = 0, False
+    state = load_checkpoint(checkpoint_path) if checkpoint_every > 0 else None
+    if state is not None:
+        with torch.no_grad():
+            for param, saved in zip(params, state["params"], strict=True):
+                param.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        previous = [LoraFactors(a, b, f.scaling) for (a, b), f in zip(state["previous"], factors, strict=True)]
+        losses += state["losses"]
+        trace += state["trace"]
+        below.update(state["below"])
+        milestones.update({int(p): out_dir / f"milestone-{p}" for p in state["milestones"]})
+        start, stopped = int(state["step"]), bool(state["stopped"])
+        stopped_by[0] = str(state["stopped_by"])
+        restore_rng(state["rng"])
+        log.info("stage 1: resuming from the checkpoint at step %d", start)
 
     def after_step(step: int, loss: float) -> bool:
-        nonlocal previous
         losses.append(loss)
-        if step in milestone_at:
-            percent = milestone_at[step]
+        stop = _check(step)
+        if checkpoint_every > 0 and (step % checkpoint_every == 0 or stop):
+            save_checkpoint(checkpoint_path, {
+                "step": step, "stopped": stop, "stopped_by": stopped_by[0],
+                "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "previous": [(f.a, f.b) for f in previous],
+                "losses": list(losses), "trace": trace, "below": dict(below), "milestones": sorted(milestones),
+                "rng": rng_state()})
+        return stop
+
+    def _check(step: int) -> bool:
+        nonlocal previous
+        for percent in milestone_at.get(step, []):
             milestones[percent] = out_dir / f"milestone-{percent}"
             save_adapter(peft_model, milestones[percent])
         if step % cfg.window:
@@ -126,18 +163,24 @@ def run_stage1(
     loop = train(
         stage="stage 1 (LoRA)",
         params=params,
-        batches=batch_stream(train_examples, cfg.batch_size, pad_id, seed),
+        batches=batch_stream(train_examples, cfg.batch_size, pad_id, seed, skip=start),
         loss_fn=lambda batch: sft_loss(peft_model, batch),
         optimizer=optimizer,
         scheduler=scheduler,
-        max_steps=cfg.max_steps,
+        max_steps=start if stopped else cfg.max_steps,
         device=device,
         grad_clip=cfg.grad_clip,
         after_step=after_step,
+        start_step=start,
     )
+    if start:  # times and tokens/s cover this process's steps; the loss history covers the whole stage
+        loop.losses = losses[:]
+        loop.steps_run = max(loop.steps_run, start)
     adapter_dir = out_dir / "adapter"
     save_adapter(peft_model, adapter_dir)
     write_csv(out_dir / "trace.csv", trace)
-    write_csv(out_dir / "losses.csv", [{"step": i + 1, "loss": v, "seconds": s}
-                                       for i, (v, s) in enumerate(zip(loop.losses, loop.step_seconds, strict=True))])
+    # after a resume, step times exist only for the steps this process ran
+    seconds: list[float | None] = [None] * (len(loop.losses) - len(loop.step_seconds)) + list(loop.step_seconds)
+    write_csv(out_dir / "losses.csv", [{"step": i + 1, "loss": v, "seconds": t}
+                                       for i, (v, t) in enumerate(zip(loop.losses, seconds, strict=True))])
     return peft_model, Stage1Result(adapter_dir, milestones, stopped_by[0], loop, trace)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ila.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from ila.config import Stage2Config
 from ila.layers import Layer
 from ila.lora_adapters import LayerMask
@@ -62,8 +64,14 @@ def run_stage2(
     seed: int,
     pad_id: int,
     device: torch.device,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> Stage2Result:
-    """Learn the scores; the model's own parameters are frozen and left bit-identical."""
+    """Learn the scores; the model's own parameters are frozen and left bit-identical.
+
+    With a `checkpoint` path and `checkpoint_every` > 0 the scores, optimizer and trace are saved every that many
+    steps, and an existing checkpoint is continued from.
+    """
     torch.manual_seed(seed)
     frozen = [p for p in peft_model.parameters() if p.requires_grad]
     for p in frozen:
@@ -74,6 +82,16 @@ def run_stage2(
     scores = nn.Parameter(torch.full((n,), cfg.init_score, device=device))
     optimizer = torch.optim.Adam([scores], lr=cfg.lr)
     trace: list[dict[str, float]] = []
+    state = load_checkpoint(checkpoint) if checkpoint is not None and checkpoint_every > 0 else None
+    start = 0
+    if state is not None:
+        with torch.no_grad():
+            scores.copy_(state["scores"].to(device))
+        optimizer.load_state_dict(state["optimizer"])
+        trace += state["trace"]
+        start = int(state["step"])
+        restore_rng(state["rng"])
+        log.info("stage 2: resuming from the checkpoint at step %d", start)
 
     def loss_fn(batch: torch.Tensor) -> torch.Tensor:
         gamma = torch.sigmoid(scores)
@@ -91,6 +109,9 @@ def run_stage2(
         trace.append({"step": step, "loss": loss, "mean_gamma": float(gamma.mean()),
                       "std_gamma": float(gamma.std()), "min_gamma": float(gamma.min()),
                       "max_gamma": float(gamma.max())})
+        if checkpoint is not None and checkpoint_every > 0 and (step % checkpoint_every == 0 or step == cfg.steps):
+            save_checkpoint(checkpoint, {"step": step, "scores": scores.detach().cpu().clone(),
+                                         "optimizer": optimizer.state_dict(), "trace": trace, "rng": rng_state()})
         return False
 
     mask = LayerMask(peft_model, layers)
@@ -98,12 +119,13 @@ def run_stage2(
         loop = train(
             stage="stage 2 (mask)",
             params=[scores],
-            batches=batch_stream(train_examples, cfg.batch_size, pad_id, seed + 1),
+            batches=batch_stream(train_examples, cfg.batch_size, pad_id, seed + 1, skip=start),
             loss_fn=loss_fn,  # type: ignore[arg-type]
             optimizer=optimizer,
             max_steps=cfg.steps,
             device=device,
             after_step=after_step,
+            start_step=start,
         )
     finally:
         mask.remove()

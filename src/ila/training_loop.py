@@ -79,19 +79,24 @@ def train(
     grad_clip: float | None = None,
     after_step: Callable[[int, float], bool] | None = None,
     before_zero_grad: Callable[[int], None] | None = None,
+    start_step: int = 0,
 ) -> LoopResult:
     """Run up to `max_steps` optimizer steps; `after_step(step, loss)` returning True stops early.
 
     `before_zero_grad(step)` runs after the optimizer step while the gradients still exist (AdaLoRA's
     `update_and_allocate` reads them to score and prune ranks).
 
+    `start_step` resumes a checkpointed run: steps start_step+1 .. max_steps run (the caller restores the
+    weights, optimizer, scheduler and RNG state, and fast-forwards `batches`).
+
     A non-finite loss stops the loop before the optimizer touches the weights and raises `NonFiniteLossError`
     naming the step, so whatever was saved before stays valid.
     """
     result = LoopResult(steps_run=0, stopped_early=False)
-    bar = tqdm(total=max_steps, desc=stage, unit="step", dynamic_ncols=True, leave=False, disable=None)
+    bar = tqdm(total=max_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True, leave=False,
+               disable=None)
     try:
-        for step in range(1, max_steps + 1):
+        for step in range(start_step + 1, max_steps + 1):
             batch = next(batches).to(device)
             started = time.perf_counter()
             loss = loss_fn(batch)
