@@ -192,3 +192,25 @@ def test_stage1_trains_only_lora_factors_and_lowers_the_loss(
     assert len(result.trace) == 8 and all(math.isfinite(row["r_t"]) for row in result.trace)
     assert sorted(result.milestones) == [50, 100]
     assert (tmp_path / "stage1" / "milestone-50" / "adapter_model.safetensors").is_file()
+
+
+def test_stage1_saves_every_milestone_when_two_fall_on_one_step(
+    tmp_path: Path, tiny_data: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    data = load_sft_data(DataConfig(path=str(tiny_data), max_length=64), tokenizer, seed=0)
+    model = tiny_llama()
+    cfg = Stage1Config(max_steps=3, batch_size=2, window=3, stop_rule="steps")  # 75% and 100% are both step 3
+    _, result = run_stage1(
+        model,
+        discover_layers(model),
+        data.train,
+        LoraSettings(r=2),
+        cfg,
+        seed=0,
+        pad_id=1,
+        device=CPU,
+        out_dir=tmp_path,
+    )
+    assert sorted(result.milestones) == [25, 50, 75, 100]
+    for percent in (25, 50, 75, 100):
+        assert (tmp_path / f"milestone-{percent}" / "adapter_model.safetensors").is_file()

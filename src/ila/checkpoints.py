@@ -14,11 +14,14 @@ from typing import Any
 
 import torch
 
+from ila import distributed
 from ila.errors import IlaError
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temporary file, fsync, rename: a crash or a full disk never leaves a corrupt checkpoint."""
+    if not distributed.is_main():  # every process holds the same state; the main process saves it
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

@@ -23,6 +23,7 @@ IDENTIFY_EXAMPLES = f"""examples:
   ila identify --model ./my-llama --data train.jsonl --output runs/llama-lima
   ila identify --config run.yaml stage1.max_steps=200 stage2.sparsity=budget stage2.budget=0.3
   ila identify --from-run runs/llama-lima --milestone 25   # Stage 2 on the 25% checkpoint, no retraining
+  ila identify --resume runs/llama-lima                    # continue after an interruption (kill -9 included)
 
 config sections: model, data, lora, stage1, stage2, run (see `ila identify --print-config`)
 """
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument("--from-run", help="an earlier identify run folder (with --milestone)")
     identify.add_argument("--milestone", type=int, help="rank from the Stage-1 checkpoint at this percent of the "
                           "planned steps, without retraining (needs --from-run)")
+    identify.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its checkpoints "
+                          "(its config.yaml is used; finished stages are not redone)")
     identify.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     identify.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
@@ -189,6 +192,14 @@ def _identify(args: argparse.Namespace) -> int:
         result = identify.run_milestone(Path(args.from_run), args.milestone, args.overwrite, args.overrides)
         _print_summary(result)
         return 0
+    if args.resume:
+        from pathlib import Path
+
+        if args.model or args.data or args.config or args.overrides or args.output:
+            raise IlaError("--resume RUN continues with the run's own config; drop --model/--data/--config/"
+                           "--output and overrides")
+        _print_summary(identify.resume_identify(Path(args.resume)))
+        return 0
     extra: dict[str, dict[str, object]] = {}
     if args.model:
         extra.setdefault("model", {})["name"] = args.model
@@ -212,9 +223,12 @@ def _identify(args: argparse.Namespace) -> int:
 
 
 def _print_summary(result: object) -> None:
+    from ila import distributed
     from ila.identify import IdentifyResult
 
     assert isinstance(result, IdentifyResult)
+    if not distributed.is_main():
+        return
     print(f"run folder: {result.run_dir}")
     print("held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in result.heldout.items()))
     if result.stage1 is not None and result.stage1.loop.step_seconds:
@@ -326,7 +340,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ila import distributed
+
+    # under `accelerate launch` only the main process logs progress; the others report warnings and errors
+    main_process = distributed.is_main()
+    level = logging.WARNING if quiet or not main_process else logging.INFO
+    prefix = "" if main_process else f"[rank {distributed.rank()}] "
+    logging.basicConfig(level=level, format=f"{prefix}%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 

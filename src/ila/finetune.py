@@ -109,7 +109,9 @@ def resolve_selection(selection: Selection, layers: Sequence[Layer], model_name:
 
 
 @dataclass
-class _Trainable:
+class TrainableSetup:
+    """What the method made trainable, and the extra hooks it needs in the shared loop."""
+
     model: nn.Module
     params: list[nn.Parameter]
     names: list[str]
@@ -117,7 +119,7 @@ class _Trainable:
     before_zero_grad: Callable[[int], None] | None = None
 
 
-def make_trainable(model: nn.Module, chosen: Sequence[Layer], cfg: FinetuneConfig) -> _Trainable:
+def make_trainable(model: nn.Module, chosen: Sequence[Layer], cfg: FinetuneConfig) -> TrainableSetup:
     """Set up the method on exactly `chosen`; every other parameter is frozen before the optimizer exists."""
     method = cfg.finetune.method
     if method == "full":
@@ -132,7 +134,7 @@ def make_trainable(model: nn.Module, chosen: Sequence[Layer], cfg: FinetuneConfi
                 ", ".join(sorted(set(names) ^ expected)),
                 len(expected),
             )
-        return _Trainable(model, [p for p in model.parameters() if p.requires_grad], names)
+        return TrainableSetup(model, [p for p in model.parameters() if p.requires_grad], names)
     if method == "qlora":
         model = prepare_quantized_for_training(model, cfg.qlora.gradient_checkpointing)  # type: ignore[arg-type]
     if method == "adalora":
@@ -147,7 +149,7 @@ def make_trainable(model: nn.Module, chosen: Sequence[Layer], cfg: FinetuneConfi
             f"(extra: {sorted(adapted - wanted)[:3]}, missing: {sorted(wanted - adapted)[:3]})"
         )
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    trainable = _Trainable(peft_model, [p for p in peft_model.parameters() if p.requires_grad], names)
+    trainable = TrainableSetup(peft_model, [p for p in peft_model.parameters() if p.requires_grad], names)
     if method == "adalora":
         trainable.extra_loss = lambda: adalora_orthogonal_penalty(peft_model)
         trainable.before_zero_grad = lambda step: adalora_update(peft_model, step)

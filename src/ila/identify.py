@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ila import distributed
 from ila.config import IdentifyConfig, build_config, config_to_dict, read_yaml
 from ila.errors import IlaError, NonFiniteLossError
 from ila.layers import Layer, discover_layers
@@ -64,7 +65,7 @@ def setup_runtime(cfg: IdentifyConfig) -> torch.device:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
-    return pick_device(cfg.run.device)
+    return distributed.local_device() or pick_device(cfg.run.device)  # under a launcher: this process's device
 
 
 def prepare_inputs(cfg: IdentifyConfig, timings: Timings) -> tuple[LoadedModel, list[Layer], SftData]:

@@ -25,10 +25,13 @@ from typing import Any
 import torch
 import yaml
 
+from ila import distributed
 from ila.errors import IlaError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    if not distributed.is_main():  # under a multi-process launch only the main process writes
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -67,6 +70,10 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `target` in one rename."""
+    if not distributed.is_main():  # other processes write into a scratch folder that is thrown away
+        with tempfile.TemporaryDirectory(prefix="ila-scratch-") as scratch:
+            yield Path(scratch)
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
     try:
@@ -87,7 +94,20 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def prepare_run_dir(output: str | None, kind: str, overwrite: bool) -> Path:
-    """The run folder: new, or emptied only with `overwrite`."""
+    """The run folder: new, or emptied only with `overwrite`; made by the main process, named for all."""
+    outcome: tuple[str | None, str | None] = (None, None)
+    if distributed.is_main():
+        try:
+            outcome = (str(_make_run_dir(output, kind, overwrite)), None)
+        except IlaError as err:
+            outcome = (None, str(err))
+    path, error = distributed.broadcast_object(outcome)
+    if error:
+        raise IlaError(error)
+    return Path(path)
+
+
+def _make_run_dir(output: str | None, kind: str, overwrite: bool) -> Path:
     path = Path(output) if output else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:

@@ -390,9 +390,14 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """One epoch of batches: shuffle, sort by length inside mega-chunks of 32 batches, shuffle the batches."""
+    """One epoch of full batches: shuffle, sort by length inside mega-chunks of 32 batches, shuffle the batches.
+
+    The last len % batch_size examples of the shuffled epoch wait for the next epoch (a new shuffle), so every
+    batch has exactly `batch_size` rows and splits evenly across processes.
+    """
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    order = order[: len(order) - len(order) % batch_size]
     chunk = batch_size * 32
     batches: list[list[int]] = []
     for start in range(0, len(order), chunk):

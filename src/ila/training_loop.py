@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ila import distributed
 from ila.errors import NonFiniteLossError
 from ila.lora_adapters import unwrap
 from ila.sft_data import IGNORE_INDEX, Batch
@@ -92,20 +93,29 @@ def train(
     A non-finite loss stops the loop before the optimizer touches the weights and raises `NonFiniteLossError`
     naming the step, so whatever was saved before stays valid.
     """
+    world = distributed.world_size()
     result = LoopResult(steps_run=0, stopped_early=False)
     bar = tqdm(total=max_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True, leave=False,
-               disable=None)
+               disable=None if distributed.is_main() else True)
     try:
         for step in range(start_step + 1, max_steps + 1):
-            batch = next(batches).to(device)
+            batch = next(batches)
+            if world > 1:  # this process's rows, weighted by its share of the global batch's target tokens
+                rows = distributed.shard_rows(batch.input_ids.shape[0])
+                share = _targets(batch.labels[rows]) / max(_targets(batch.labels), 1)
+                batch = Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
+            batch = batch.to(device)
             started = time.perf_counter()
             loss = loss_fn(batch)
-            value = float(loss.detach())
+            if world > 1:
+                loss = loss * share
+            value = distributed.sum_across(float(loss.detach()))
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"{stage}: non-finite loss ({value}) at step {step}; stopped before updating the weights "
                     "(lower the learning rate or check the model weights and data)", step)
             loss.backward()
+            distributed.sum_gradients(list(params))  # summed shares = the global batch's gradient
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
@@ -127,6 +137,10 @@ def train(
     finally:
         bar.close()
     return result
+
+
+def _targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
