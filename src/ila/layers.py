@@ -74,7 +74,7 @@ def discover_layers(model: nn.Module, include_lm_head: bool = False) -> list[Lay
     if not layers:
         raise IlaError(f"unsupported architecture {type(model).__name__}: its blocks contain no linear layers")
     if include_lm_head:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
         if head is None or not _is_linear(head):
             raise IlaError("model.include_lm_head=true, but this model has no linear output head")
         head_name = next(n for n, m in model.named_modules() if m is head)

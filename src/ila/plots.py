@@ -8,11 +8,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: ila never opens a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from ila.ranking import Ranking  # noqa: E402
-from ila.run_folder import atomic_write_bytes  # noqa: E402
+from ila.ranking import Ranking
+from ila.run_folder import atomic_write_bytes
 
 
 def save_figure(fig: matplotlib.figure.Figure, path: Path) -> None:

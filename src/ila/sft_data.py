@@ -98,10 +98,7 @@ def _read_json_array(text: str, path: Path) -> list[tuple[Any, str]]:
 
 def read_rows(path_or_id: str, split: str = "train") -> tuple[list[tuple[Any, str]], str, str]:
     """Return ([(row, location)], source, fingerprint) for a file, the bundled set or a hub id."""
-    if path_or_id == BUNDLED_DATA:
-        path = bundled_data_path()
-    else:
-        path = Path(path_or_id).expanduser()
+    path = bundled_data_path() if path_or_id == BUNDLED_DATA else Path(path_or_id).expanduser()
     looks_local = path_or_id == BUNDLED_DATA or path.suffix in (".json", ".jsonl") or path_or_id.startswith(
         ("/", "./", "../", "~")
     )

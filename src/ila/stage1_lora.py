@@ -149,7 +149,7 @@ def run_stage1(
         below["update"] = below["update"] + 1 if r_t < cfg.epsilon else 0
         below["loss"] = below["loss"] + 1 if plateau < cfg.plateau_tolerance else 0
         trace.append({"step": step, "r_t": r_t, "loss_plateau": plateau, "window_loss": recent,
-                      "update_norm": math.sqrt(now_sq), "lr": scheduler.get_last_lr()[0]})
+                      "update_norm": math.sqrt(now_sq), "lr": float(scheduler.get_last_lr()[0])})
         log.info("stage 1 step %d: r_t=%.4f (epsilon %.3g), loss plateau %.4f, window loss %.4f",
                  step, r_t, cfg.epsilon, plateau, recent)
         update_stable = below["update"] >= cfg.patience

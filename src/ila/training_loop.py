@@ -38,8 +38,8 @@ def sft_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     keep = targets != IGNORE_INDEX
     config = getattr(lm, "config", None)
     plain = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None  # type: ignore[operator]
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None  # type: ignore[operator]
     if plain or head is None or decoder is None or decoder is lm:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), targets[keep])
