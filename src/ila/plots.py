@@ -24,7 +24,9 @@ def save_figure(fig: matplotlib.figure.Figure, path: Path) -> None:
 
 def plot_heatmap(ranking: Ranking, path: Path, value: str = "gamma", top_fraction: float = 0.3) -> None:
     """Heatmap of γ (or score) per block (rows) and module type (columns); top-K cells are outlined."""
-    types = list(dict.fromkeys(e.module_type for e in ranking.layers if e.block >= 0))
+    seen = list(dict.fromkeys(e.module_type for e in ranking.layers if e.block >= 0))
+    model_order = [t for t in ranking.info.get("module_types", []) if t in seen]  # columns in the model's order
+    types = model_order + [t for t in seen if t not in model_order]
     blocks = sorted({e.block for e in ranking.layers if e.block >= 0})
     grid = np.full((len(blocks), len(types)), np.nan)
     top = set(ranking.top_fraction(top_fraction))

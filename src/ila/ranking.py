@@ -68,7 +68,8 @@ def rank_layers(layers: Sequence[Layer], scores: Sequence[float], method: str,
         for rank, i in enumerate(order, start=1)
     ]
     n_blocks = len({layer.block for layer in layers if layer.block >= 0})
-    return Ranking(method, entries, n_blocks, dict(info or {}))
+    details = {"module_types": list(dict.fromkeys(layer.module_type for layer in layers)), **(info or {})}
+    return Ranking(method, entries, n_blocks, details)
 
 
 def load_ranking(path: str | Path) -> Ranking:
