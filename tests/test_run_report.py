@@ -1,0 +1,116 @@
+"""`ila report`: run folders side by side; whatever a manifest lacks is shown as "-"."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from ila.cli import main
+from ila.errors import IlaError
+from ila.run_report import read_run, run_report
+
+
+def write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    """An identify run, a finetune run with an eval.json, and a finetune run whose manifest says almost nothing."""
+    identify = tmp_path / "identify-run"
+    write_json(
+        identify / "manifest.json",
+        {
+            "status": "complete",
+            "model": {"source": "tiny", "n_layers": 28},
+            "data": {"source": "d.jsonl"},
+            "config": {
+                "stage1": {"max_steps": 10},
+                "stage2": {"sparsity": "penalty"},
+                "run": {"report_top_fraction": 0.25},
+            },
+            "stage1": {"median_step_s": 0.2},
+            "stage2": {"median_step_s": 0.1},
+            "memory": {"peak_rss_gb": 1.5},
+            "heldout_loss": {"base": 4.0, "stage1": 3.0, "stage1_top_mask": 3.2},
+        },
+    )
+    finetune = tmp_path / "ft-ila"
+    write_json(
+        finetune / "manifest.json",
+        {
+            "status": "complete",
+            "method": "lora",
+            "model": {"source": "tiny"},
+            "selection": {"n_selected": 7, "n_layers": 28},
+            "trainable_params": {"count": 1234},
+            "training": {"median_step_s": 0.1},
+            "memory": {"peak_rss_gb": 1.25},
+            "heldout_loss": [{"step": 0, "loss": 4.0}, {"step": 5, "loss": 2.5}],
+        },
+    )
+    write_json(
+        finetune / "eval.json",
+        {
+            "kind": "evaluate",
+            "sft": {"split": "heldout", "loss": 2.5, "perplexity": 12.18},
+            "benchmarks": {"mmlu": {"metric": "acc,none", "score": 0.25}, "gsm8k": {"score": None}},
+        },
+    )
+    sparse = tmp_path / "ft-sparse"
+    write_json(sparse / "manifest.json", {"method": "full", "status": "running"})
+    return [identify, finetune, sparse]
+
+
+def test_report_puts_runs_side_by_side(tmp_path: Path, runs: list[Path]) -> None:
+    report = run_report(runs, str(tmp_path / "report"))
+    identify, finetune, sparse = report.runs
+    assert identify.kind == "identify" and identify.heldout_loss == 3.0 and identify.base_loss == 4.0
+    assert identify.selected_layers == 7 and identify.median_step_s == 0.2
+    assert finetune.kind == "finetune" and finetune.selected_fraction == 0.25 and finetune.trainable_params == 1234
+    assert finetune.heldout_loss == 2.5 and finetune.benchmarks == {"mmlu": 0.25, "gsm8k": None}
+    assert sparse.method == "full" and sparse.trainable_params is None and sparse.heldout_loss is None
+    for name in ("report.md", "report.csv", "report.png", "manifest.json"):
+        assert (report.run_dir / name).is_file(), name
+    markdown = (report.run_dir / "report.md").read_text()
+    assert "| ft-ila | finetune | lora | 7/28 (25%) | 1,234 | 0.100 | 0.50 |" in markdown
+    assert "**status running**" in markdown
+    rows = list(csv.DictReader((report.run_dir / "report.csv").open()))
+    assert [row["run"] for row in rows] == ["identify-run", "ft-ila", "ft-sparse"]
+    assert rows[2]["held-out loss"] == "-" and rows[2]["mmlu"] == "-" and rows[1]["mmlu"] == "0.250"
+    assert rows[0]["selected layers"] == "top 7/28 (25%)"
+
+
+def test_report_refuses_what_is_not_a_run(tmp_path: Path, runs: list[Path]) -> None:
+    with pytest.raises(IlaError, match="not found"):
+        read_run(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IlaError, match="not an ila run folder"):
+        read_run(tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    with pytest.raises(IlaError, match=r"manifest\.json:1"):
+        read_run(tmp_path / "broken")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "manifest.json").write_text("[1, 2]")
+    assert read_run(runs[2]).kind == "finetune"
+    with pytest.raises(IlaError, match="JSON object"):
+        read_run(tmp_path / "list")
+
+
+def test_cli_report(tmp_path: Path, runs: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli-report"
+    assert main(["-q", "report", *map(str, runs), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| identify-run |" in printed and "report.md" in printed
+    assert main(["-q", "report", str(runs[0]), "--output", str(out)]) == 2  # not overwritten without --overwrite
+    assert main(["-q", "report", str(runs[0]), "--output", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "report", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ila: error: run folder not found")
+    assert not (tmp_path / "x").exists()
