@@ -27,7 +27,7 @@ from ila.lora_adapters import LayerMask, load_lora
 from ila.model_loading import LoadedModel, load_model, pick_device
 from ila.plots import plot_heatmap
 from ila.ranking import Ranking, rank_layers
-from ila.report import write_identify_report
+from ila.identify_report import write_identify_report
 from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, write_json, write_yaml
 from ila.sft_data import SftData, eval_batches, load_sft_data
 from ila.stage1_lora import Stage1Result, run_stage1
