@@ -1,0 +1,472 @@
+"""Baseline rankings, in the same ranking format as ILA: random, first, last, delta-norm, grad-norm and snr.
+
+Stage: ranking, beside `ila identify` (`ila rank`). Reads the model; `delta-norm` also a saved PEFT adapter (e.g.
+an identify run's `stage1/adapter`), `grad-norm` SFT data; random, first, last and snr never read data. Writes a
+run folder with ranking.json, ranking.csv and manifest.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ila.config import BUNDLED_DATA, DEFAULT_MODEL, DataConfig, LoraSettings, ModelConfig
+from ila.errors import IlaError
+from ila.layers import Layer, discover_layers
+from ila.lora_adapters import (
+    attach_lora,
+    has_lora,
+    load_lora,
+    lora_factors,
+    remove_lora,
+    unwrap,
+    update_sq_norms,
+)
+from ila.ranking import Ranking, rank_layers
+from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, write_json
+from ila.sft_data import Example, batch_stream
+from ila.training_loop import sft_loss
+
+log = logging.getLogger(__name__)
+
+METHODS = ("random", "first", "last", "delta-norm", "grad-norm", "snr")
+DATA_FREE = ("random", "first", "last", "snr")  # never read SFT data (snr reads the weights only)
+NEEDS_WEIGHTS = ("delta-norm", "grad-norm", "snr")  # the others need the module tree only
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Options of the baseline methods; each method reads only its own."""
+
+    seed: int = 0  # random: the permutation; grad-norm: LoRA-A init, data split and batch order
+    normalize: bool = True  # delta-norm, grad-norm: per-entry RMS instead of the raw Frobenius norm (see below)
+    grad_batches: int = 8  # grad-norm: batches of sft_loss backward, no optimizer step
+    batch_size: int = 4  # grad-norm
+    lora: LoraSettings = field(default_factory=LoraSettings)  # grad-norm: the fresh adapter whose B is measured
+    snr_divide_by_max: bool = False  # snr: True = Spectrum's (signal/noise) / σ_max, not comparable across shapes
+
+    def __post_init__(self) -> None:
+        if self.grad_batches < 1 or self.batch_size < 1:
+            raise IlaError(f"grad-norm needs batches >= 1 and batch size >= 1 (got {self.grad_batches}, "
+                           f"{self.batch_size})")
+
+
+# ------------------------------------------------------------------------------------ data-free, no weights
+
+
+def rank_random(layers: Sequence[Layer], seed: int = 0) -> Ranking:
+    """A uniformly random order; the same seed gives the same ranking."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(len(layers), generator=generator, dtype=torch.float64).tolist()
+    return rank_layers(layers, scores, "random", info={"seed": seed})
+
+
+def _depth(layer: Layer, n_blocks: int) -> int:
+    return layer.block if layer.block >= 0 else n_blocks  # the output head sits after the last block
+
+
+def rank_by_depth(layers: Sequence[Layer], which: str) -> Ranking:
+    """`first`: shallowest block first; `last`: deepest block first. Within a block, discovery order.
+
+    The score is the block's depth (last) or its distance from the deepest block (first); layers of one block
+    tie, and `rank_layers` keeps ties in discovery order.
+    """
+    if which not in ("first", "last"):
+        raise IlaError(f"depth ranking '{which}' is unknown; allowed: first, last")
+    n_blocks = len({layer.block for layer in layers if layer.block >= 0})
+    depths = [_depth(layer, n_blocks) for layer in layers]
+    scores = [float(d) if which == "last" else float(n_blocks - 1 - d) for d in depths]
+    return rank_layers(layers, scores, which)
+
+
+# ---------------------------------------------------------------------------------------- delta-norm
+
+
+@contextmanager
+def _model_restored(model: nn.Module) -> Iterator[None]:
+    """PEFT freezes the base weights and may switch modes; put `requires_grad` and train/eval back afterwards."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    was_training = model.training
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """A PEFT adapter folder, or an identify run folder (its final Stage-1 adapter is used)."""
+    folder = Path(path).expanduser()
+    for candidate in (folder, folder / "stage1" / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    if not folder.exists():
+        raise IlaError(f"adapter not found: {path}")
+    raise IlaError(f"{path} is not a PEFT adapter folder (no adapter_config.json) nor an identify run folder "
+                   "(no stage1/adapter)")
+
+
+def delta_norm_scores(peft_model: nn.Module, layers: Sequence[Layer], normalize: bool = True) -> list[float]:
+    """‖Δθ_i‖_F = ‖s·B_i A_i‖_F per layer, divided by sqrt(out·in) when `normalize` (the RMS of the entries).
+
+    Unnormalised, the norm grows with the matrix: on SmolLM2 the MLP gate/up matrices filled 54 of the top 63
+    places (docs/method.md §6). Layers without an adapter score 0 (their update is zero).
+    """
+    adapted = [layer for layer in layers if has_lora(peft_model, layer)]
+    norms = dict(zip((layer.name for layer in adapted),
+                     (math.sqrt(sq) for sq in update_sq_norms(lora_factors(peft_model, adapted))), strict=True))
+    scores = []
+    for layer in layers:
+        norm = norms.get(layer.name, 0.0)
+        scores.append(norm / math.sqrt(layer.n_params) if normalize else norm)
+    return scores
+
+
+def rank_delta_norm(model: nn.Module, layers: Sequence[Layer], adapter: str | Path,
+                    normalize: bool = True) -> Ranking:
+    """Rank by the size of each layer's Stage-1 LoRA update, read from a saved PEFT adapter.
+
+    The adapter is loaded onto `model` and taken off again afterwards, so `model` is left as it was.
+    """
+    folder = resolve_adapter_dir(adapter)
+    with _model_restored(model):
+        try:
+            peft_model = load_lora(model, folder)  # type: ignore[arg-type]
+        except (ValueError, RuntimeError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise IlaError(f"the adapter {folder} does not fit this model: {first}") from None
+        try:
+            adapted = sum(has_lora(peft_model, layer) for layer in layers)
+            if adapted == 0:
+                raise IlaError(f"the adapter {folder} adapts none of this model's {len(layers)} layers; was it "
+                               "trained on another model?")
+            scores = delta_norm_scores(peft_model, layers, normalize)
+        finally:
+            remove_lora(peft_model)
+    info = {"adapter": str(folder), "normalize": normalize, "adapted_layers": adapted}
+    if adapted < len(layers):
+        log.warning("%d of %d layers carry no adapter in %s; they score 0", len(layers) - adapted, len(layers), folder)
+    return rank_layers(layers, scores, "delta-norm", info=info)
+
+
+# ----------------------------------------------------------------------------------------- grad-norm
+
+
+def grad_norm_scores(model: nn.Module, layers: Sequence[Layer], examples: list[Example], pad_id: int,
+                     settings: BaselineSettings, device: torch.device | None = None) -> list[float]:
+    """Mean over `settings.grad_batches` batches of ‖∂L/∂B_i‖_F for a fresh LoRA adapter; no optimizer step.
+
+    Why B: PEFT starts LoRA with B = 0, so ∂L/∂A = s·Bᵀ·∂L/∂W is exactly zero, while ∂L/∂B = s·(∂L/∂W)·Aᵀ is the
+    full weight gradient seen through the adapter's random projection A. ‖∂L/∂B‖² is, up to the learning rate,
+    the loss decrease of the first SGD step on that layer's LoRA: what LoRA training would feel first.
+    With `normalize` the norm is divided by sqrt(out·r), the RMS of ∂L/∂B's entries; since A's init variance is
+    1/(3·in), this removes the growth with the matrix size (‖∂L/∂B‖ ∝ sqrt(out) at equal per-entry gradients).
+
+    Runs in eval mode (no dropout) with a seeded adapter and batch order, so the result is deterministic. The
+    adapter is removed afterwards, leaving `model` as it was.
+    """
+    if not examples:
+        raise IlaError("grad-norm needs SFT examples; none were given")
+    device = device or next(model.parameters()).device
+    torch.manual_seed(settings.seed)
+    totals = [0.0] * len(layers)
+    with _model_restored(model):
+        peft_model = attach_lora(model, layers, settings.lora)  # type: ignore[arg-type]
+        try:
+            peft_model.eval()
+            b_factors = [f.b for f in lora_factors(peft_model, layers)]
+            b_sizes = [b.numel() for b in b_factors]
+            batches = batch_stream(examples, min(settings.batch_size, len(examples)), pad_id, settings.seed)
+            for index in range(settings.grad_batches):
+                batch = next(batches).to(device)
+                loss = sft_loss(peft_model, batch)
+                if not torch.isfinite(loss):
+                    raise IlaError(f"grad-norm: non-finite loss ({float(loss)}) on batch {index + 1}; check the "
+                                   "model weights and the data")
+                grads = torch.autograd.grad(loss, b_factors)
+                for i, grad in enumerate(grads):
+                    totals[i] += float(grad.detach().double().norm())
+        finally:
+            remove_lora(peft_model)
+    scores = [total / settings.grad_batches for total in totals]
+    if settings.normalize:
+        scores = [score / math.sqrt(size) for score, size in zip(scores, b_sizes, strict=True)]
+    return scores
+
+
+def rank_grad_norm(model: nn.Module, layers: Sequence[Layer], examples: list[Example], pad_id: int,
+                   settings: BaselineSettings | None = None) -> Ranking:
+    settings = settings or BaselineSettings()
+    scores = grad_norm_scores(model, layers, examples, pad_id, settings)
+    info = {"seed": settings.seed, "normalize": settings.normalize, "grad_batches": settings.grad_batches,
+            "batch_size": settings.batch_size, "lora_r": settings.lora.r, "lora_alpha": settings.lora.alpha}
+    return rank_layers(layers, scores, "grad-norm", info=info)
+
+
+# ----------------------------------------------------------------------------------------------- snr
+
+
+@lru_cache(maxsize=256)
+def marchenko_pastur_median(beta: float) -> float:
+    """Median of the Marchenko-Pastur law with aspect ratio β = min/max ∈ (0, 1] and unit variance.
+
+    The law of the eigenvalues of X Xᵀ / n for a (β·n) x n matrix X of iid unit-variance entries; e.g. 0.6528
+    for a square matrix (Gavish & Donoho 2014).
+    """
+    from scipy import integrate, optimize
+
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"aspect ratio {beta} must lie in (0, 1]")
+    low, high = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
+
+    def density(x: float) -> float:
+        return math.sqrt(max((high - x) * (x - low), 0.0)) / (2 * math.pi * beta * x)
+
+    def below(t: float) -> float:
+        return float(integrate.quad(density, low, t, limit=200)[0]) - 0.5
+
+    return float(optimize.brentq(below, low, high, xtol=1e-12))
+
+
+@dataclass(frozen=True)
+class SpectrumScore:
+    """One weight matrix's singular values against the Marchenko-Pastur noise edge."""
+
+    snr: float  # the score: signal / noise, or (signal / noise) / σ_max (Spectrum's ratio)
+    signal: float  # sum of singular values above the threshold
+    noise: float  # sum of singular values at or below it
+    threshold: float  # the noise bulk's upper edge, in singular-value units
+    sigma: float  # estimated noise standard deviation of one entry
+    max_singular_value: float
+    above: int  # how many singular values lie above the threshold
+
+
+def weight_matrix(model: nn.Module, layer: Layer) -> torch.Tensor:
+    """The layer's weight as (out, in); GPT-2's Conv1D stores (in, out) and is transposed."""
+    module = unwrap(model).get_submodule(layer.name)
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise IlaError(f"{layer.name} has no weight tensor")
+    return weight.T if isinstance(module, Conv1D) else weight
+
+
+def spectrum_score(weight: torch.Tensor, divide_by_max: bool = False) -> SpectrumScore:
+    """Spectrum-style SNR of one weight matrix (data-free).
+
+    Noise model: W = signal of low rank + iid noise of entry std σ. For an m x n noise matrix (β = min/max) the
+    squared singular values divided by max(m, n)·σ² follow the Marchenko-Pastur law, whose bulk ends at
+    σ·(sqrt(m) + sqrt(n)) = σ·sqrt(max)·(1 + sqrt(β)): the threshold.
+    σ estimate (our choice, documented): Gavish & Donoho's median rule σ = median singular value /
+    sqrt(max(m, n) · μ_β), μ_β the Marchenko-Pastur median; a few large signal values barely move a median.
+    Spectrum itself uses IQR(singular values)/1.349 with the threshold σ·(1 + sqrt(β)), which ignores the matrix
+    size. Score: SNR = Σ above / Σ below (scale-free). With `divide_by_max`, also divided by the largest
+    singular value, exactly Spectrum's ratio; that makes the score depend on the weight's scale and, for strong
+    spikes, approach (number of spikes) / Σ below, which favours matrices with few singular values. Spectrum only
+    compares layers within one module type, where this cancels; a global ranking does not, so it is off by
+    default (on a tiny Llama with pure-noise weights, a rank-3 signal planted in a 32x64 down_proj ranked first by
+    the plain ratio in 5 of 5 seeds and below 16x32 pure-noise k/v matrices with Spectrum's ratio in 5 of 5).
+
+    Numerically zero singular values (below σ_max · max(m, n) · float32 eps) cannot be measured as noise: the
+    noise sum is floored there, so an exactly low-rank matrix gets a large, finite score, never infinity.
+    """
+    if weight.device.type == "meta":
+        raise IlaError("snr needs the weights, but this model's weights are on the meta device (not loaded)")
+    matrix = weight.detach().float()
+    if not torch.isfinite(matrix).all():
+        raise IlaError("snr: the weight matrix holds NaN or infinite values")
+    values = torch.linalg.svdvals(matrix).double().cpu()
+    rows, cols = matrix.shape
+    small, big = min(rows, cols), max(rows, cols)
+    top = float(values[0]) if values.numel() else 0.0
+    if top == 0.0:
+        return SpectrumScore(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+    sigma = float(values.median()) / math.sqrt(big * marchenko_pastur_median(small / big))
+    threshold = sigma * (math.sqrt(big) + math.sqrt(small))
+    above = values > threshold
+    signal = float(values[above].sum())
+    noise = max(float(values[~above].sum()), top * big * torch.finfo(torch.float32).eps)
+    ratio = signal / noise
+    return SpectrumScore(ratio / top if divide_by_max else ratio, signal, noise, threshold, sigma, top,
+                         int(above.sum()))
+
+
+def rank_snr(model: nn.Module, layers: Sequence[Layer], divide_by_max: bool = False) -> Ranking:
+    """Rank by the Spectrum-style SNR of each pretrained weight matrix; reads no data, trains nothing."""
+    scores = []
+    with torch.no_grad():
+        for layer in layers:
+            scores.append(spectrum_score(weight_matrix(model, layer), divide_by_max).snr)
+    info = {"divide_by_max": divide_by_max, "sigma_estimate": "median singular value (Gavish-Donoho)",
+            "threshold": "Marchenko-Pastur bulk edge sigma*(sqrt(m)+sqrt(n))"}
+    return rank_layers(layers, scores, "snr", info=info)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise IlaError(f"unknown ranking method '{method}'; allowed: {', '.join(METHODS)}")
+    return method
+
+
+def rank_with(method: str, layers: Sequence[Layer], model: nn.Module | None = None, *,
+              adapter: str | Path | None = None, examples: list[Example] | None = None, pad_id: int = 0,
+              settings: BaselineSettings | None = None) -> Ranking:
+    """Run one baseline method. `model` is needed by delta-norm, grad-norm and snr; `adapter` by delta-norm;
+    `examples` (and the tokenizer's `pad_id`) by grad-norm only."""
+    check_method(method)
+    settings = settings or BaselineSettings()
+    if method == "random":
+        return rank_random(layers, settings.seed)
+    if method in ("first", "last"):
+        return rank_by_depth(layers, method)
+    if model is None:
+        raise IlaError(f"method {method} needs the model's weights")
+    if method == "snr":
+        return rank_snr(model, layers, settings.snr_divide_by_max)
+    if method == "delta-norm":
+        if adapter is None:
+            raise IlaError("method delta-norm needs a Stage-1 adapter: --adapter RUN/stage1/adapter (or the run "
+                           "folder)")
+        return rank_delta_norm(model, layers, adapter, settings.normalize)
+    if examples is None:
+        raise IlaError("method grad-norm needs SFT data (--data)")
+    return rank_grad_norm(model, layers, examples, pad_id, settings)
+
+
+# ------------------------------------------------------------------------------------- `ila rank` run folder
+
+
+@dataclass
+class RankResult:
+    run_dir: Path
+    ranking: Ranking
+    timings: dict[str, float]
+
+
+def _adapter_base_model(adapter: str | Path) -> str | None:
+    import json
+
+    try:
+        config = json.loads((resolve_adapter_dir(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = config.get("base_model_name_or_path")
+    return str(name) if name else None
+
+
+def run_rank(method: str, model_name: str | None = None, *, data: str | None = None, adapter: str | None = None,
+             output: str | None = None, settings: BaselineSettings | None = None, max_length: int = 256,
+             include_lm_head: bool = False, trust_remote_code: bool = False, device: str = "auto",
+             threads: int | None = None, overwrite: bool = False, command: str = "") -> RankResult:
+    """`ila rank`: load what the method needs (data only for grad-norm), rank, write the run folder.
+
+    Without `model_name`, delta-norm uses the adapter's base model and every other method the default model.
+    `threads` sets torch's CPU threads (as run.threads does for identify). Inputs are checked before the run
+    folder is created.
+    """
+    from ila.model_loading import (
+        fingerprint_model_files,
+        load_model,
+        load_model_skeleton,
+        pick_device,
+        resolve_model_path,
+    )
+    from ila.sft_data import load_sft_data
+
+    check_method(method)
+    settings = settings or BaselineSettings()
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    if method != "delta-norm" and adapter is not None:
+        log.warning("--adapter is used by delta-norm only; method %s ignores it", method)
+        adapter = None
+    if method == "delta-norm":
+        if adapter is None:
+            raise IlaError("method delta-norm needs a Stage-1 adapter: --adapter RUN/stage1/adapter (or the run "
+                           "folder)")
+        resolve_adapter_dir(adapter)
+        model_name = model_name or _adapter_base_model(adapter)
+    if method in DATA_FREE and data is not None:
+        log.warning("method %s is data-free; --data %s is not read", method, data)
+    model_name = model_name or DEFAULT_MODEL
+    model_cfg = ModelConfig(name=model_name, include_lm_head=include_lm_head, trust_remote_code=trust_remote_code)
+    torch.manual_seed(settings.seed)
+    clock = time.perf_counter()
+    model_info: dict[str, Any]
+    model: nn.Module
+    if method in NEEDS_WEIGHTS:
+        loaded = load_model(model_cfg, pick_device(device))
+        model = loaded.model
+        model_info = {"source": model_name, "resolved": loaded.resolved_path, "fingerprint": loaded.fingerprint,
+                      "class": type(loaded.model).__name__}
+    else:  # the module tree is enough: built on the meta device, no weights read
+        loaded = None
+        model = load_model_skeleton(model_cfg)
+        resolved, is_local = resolve_model_path(model_name)
+        model_info = {"source": model_name, "resolved": resolved, "class": type(model).__name__,
+                      "fingerprint": fingerprint_model_files(Path(resolved)) if is_local else f"hub:{resolved}"}
+    timings["load model"] = time.perf_counter() - clock
+    layers = discover_layers(model, include_lm_head)
+    model_info["n_layers"] = len(layers)
+    examples: list[Example] | None = None
+    data_info: dict[str, Any] | None = None
+    pad_id = 0
+    if method == "grad-norm":
+        assert loaded is not None
+        clock = time.perf_counter()
+        sft = load_sft_data(DataConfig(path=data or BUNDLED_DATA, max_length=max_length), loaded.tokenizer,
+                            settings.seed)
+        timings["load data"] = time.perf_counter() - clock
+        examples, pad_id = sft.train, int(loaded.tokenizer.pad_token_id)
+        data_info = {"source": sft.stats.source, "sha256": sft.stats.fingerprint,
+                     "train_examples": sft.stats.train_examples}
+    run_dir = prepare_run_dir(output, f"rank-{method}", overwrite)
+    try:
+        clock = time.perf_counter()
+        ranking = rank_with(method, layers, model, adapter=adapter, examples=examples, pad_id=pad_id,
+                            settings=settings)
+        timings["rank"] = time.perf_counter() - clock
+    except BaseException:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed ranking leaves no empty run folder behind
+        raise
+    ranking.info.update({"model": model_name, "model_fingerprint": model_info["fingerprint"]})
+    if data_info is not None:
+        ranking.info.update({"data": data_info["source"], "data_sha256": data_info["sha256"]})
+    ranking.save(run_dir)
+    timings["total"] = time.perf_counter() - started
+    manifest = {
+        "ila_command": command or " ".join(sys.argv),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "method": method,
+        "settings": asdict(settings),
+        "model": model_info,
+        "data": data_info,
+        "adapter": str(resolve_adapter_dir(adapter)) if adapter is not None else None,
+        "seed": settings.seed,
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "timings": timings,
+        "memory": peak_memory(),
+        "status": "complete",
+    }
+    write_json(run_dir / "manifest.json", manifest)  # last: its presence means the ranking is in place
+    return RankResult(run_dir, ranking, timings)
