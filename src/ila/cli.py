@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
     report.add_argument("--output", help="report folder (default runs/report-<timestamp>)")
     report.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty report folder")
+    sub.add_parser("env", help="print versions, threads and accelerator (for bug reports)")
     return parser
 
 
@@ -574,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     _configure_logging(args.quiet)
-    handlers = {"identify": _identify, "layers": _layers, "select": _select, "finetune": _finetune,
+    handlers = {"env": _env, "identify": _identify, "layers": _layers, "select": _select, "finetune": _finetune,
                 "export": _export, "rank": _rank, "compare": _compare,
                 "evaluate": _evaluate, "report": _report}
     try:
@@ -585,10 +586,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("ila: interrupted\n")
         return 130
-    except MemoryError:
-        sys.stderr.write("ila: error: out of memory; lower the batch size (stage1.batch_size, stage2.batch_size) "
-                         "or data.max_length\n")
+    except BrokenPipeError:  # `ila ... | head` closed the pipe: not an error worth a traceback
+        sys.stderr.close()
+        return 0
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not _is_out_of_memory(err):
+            raise
+        where = "GPU" if "CUDA" in str(err) else "CPU"
+        sys.stderr.write(f"ila: error: out of {where} memory; lower the batch size (stage1.batch_size, "
+                         "stage2.batch_size, finetune.batch_size) or data.max_length"
+                         + (", or use bf16 / gradient checkpointing on the GPU" if where == "GPU" else "") + "\n")
         return EXIT_USER_ERROR
+
+
+def _is_out_of_memory(err: RuntimeError) -> bool:
+    text = str(err)
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def _env(_args: argparse.Namespace) -> int:
+    """What a bug report needs: versions, threads, accelerator, cache folder."""
+    import torch
+
+    from ila.model_loading import cache_root
+    from ila.run_folder import hardware, package_versions
+
+    for key, value in {**package_versions(), **hardware(), "cuda_available": torch.cuda.is_available(),
+                       "ila_cache": str(cache_root())}.items():
+        print(f"{key}: {value}")
+    return 0
 
 
 if __name__ == "__main__":
