@@ -78,3 +78,37 @@ def test_resume_of_a_complete_run_is_refused(reference: Path) -> None:
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "already complete" in proc.stderr
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import torch
+
+    from ila import checkpoints
+    from ila.errors import IlaError
+
+    path = tmp_path / "stage1" / "checkpoint.pt"
+    checkpoints.save_checkpoint(path, {"step": 10, "scores": torch.ones(3)})
+
+    def disk_full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
+    with pytest.raises(IlaError, match=r"No space left on device.*previous checkpoint is intact"):
+        checkpoints.save_checkpoint(path, {"step": 20, "scores": torch.zeros(3)})
+    monkeypatch.undo()
+    state = checkpoints.load_checkpoint(path)
+    assert state is not None and state["step"] == 10 and torch.equal(state["scores"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no half-written temporary file
+
+
+def test_damaged_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+    from ila import checkpoints
+    from ila.errors import IlaError
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(IlaError, match="cannot be read"):
+        checkpoints.load_checkpoint(path)
