@@ -295,6 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", help="report folder (default runs/report-<timestamp>)")
     report.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty report folder")
     sub.add_parser("env", help="print versions, threads and accelerator (for bug reports)")
+    experiment = sub.add_parser("experiment", help="run a declared grid of identify/rank/finetune units (resumable)",
+                                description="Run the grid an experiment YAML declares (data sets x seeds x "
+                                "milestones x methods, optional fine-tuning), one folder per unit; complete units "
+                                "are skipped, so an interrupted experiment resumes where it stopped. Writes "
+                                "report.md with overlap tables (chance levels, p-values) and a fine-tuning table.",
+                                epilog="examples:\n  ila experiment experiments/paper_small.yaml --output "
+                                "runs/paper-small\n  ila experiment my_grid.yaml   # again: recomputes nothing "
+                                "that finished", formatter_class=argparse.RawDescriptionHelpFormatter)
+    experiment.add_argument("config", help="experiment YAML (paths in it are relative to its folder)")
+    experiment.add_argument("--output", help="experiment folder (default: the YAML's output, else "
+                            "runs/experiment-<config name>)")
     return parser
 
 
@@ -552,6 +563,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ila.experiment import load_experiment, run_experiment
+
+    cfg = load_experiment(args.config)
+    output = args.output or cfg.output or str(Path("runs") / f"experiment-{Path(args.config).stem}")
+    result = run_experiment(cfg, output)
+    print(f"experiment folder: {result.root}")
+    print(f"units computed: {len(result.computed)}, already complete: {len(result.skipped)}, "
+          f"missing: {len(result.missing)}")
+    for item in result.missing:
+        print(f"  missing: {item}")
+    print(f"report: {result.report}")
+    return 0
+
+
 def _configure_logging(quiet: bool) -> None:
     from ila import distributed
 
@@ -577,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.quiet)
     handlers = {"env": _env, "identify": _identify, "layers": _layers, "select": _select, "finetune": _finetune,
                 "export": _export, "rank": _rank, "compare": _compare,
-                "evaluate": _evaluate, "report": _report}
+                "evaluate": _evaluate, "report": _report, "experiment": _experiment}
     try:
         return handlers[args.command](args)
     except IlaError as err:

@@ -1,0 +1,582 @@
+"""`ila experiment`: a declared grid (data sets x seeds x milestones x methods, optional fine-tuning) run resumably.
+
+Reads an experiment YAML; writes one folder per unit (identify run, milestone ranking, baseline ranking, finetune
+run) under the experiment folder, skipping units that are already complete, then report.md with overlap tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ila.config import (
+    DEFAULT_MODEL,
+    FinetuneConfig,
+    IdentifyConfig,
+    build_config,
+    config_to_dict,
+    merge,
+    parse_overrides,
+    read_yaml,
+)
+from ila.errors import IlaError
+from ila.ranking import Ranking, load_ranking
+from ila.run_folder import atomic_write_text, write_json, write_yaml
+
+log = logging.getLogger(__name__)
+
+ILA = "ila"
+FINETUNE_RULES = ("freeze-bottom", "top", "all")
+SEED_FREE = ("first", "last", "snr")  # baselines that read neither the seed nor the data
+DATA_FREE = ("random", "first", "last", "snr")
+MILESTONE_METHODS = (ILA, "delta-norm")  # the only methods that read the Stage-1 update
+
+
+@dataclass(frozen=True)
+class ExperimentFinetune:
+    """`finetune:` train the layers each rule selects, from the base model, with the same steps for all."""
+
+    steps: int = 100
+    method: Literal["lora", "adalora", "qlora", "full"] = "lora"
+    fractions: tuple[float, ...] = (0.1, 0.3, 1.0)  # rule top: the top fraction of each ranking (the ablation)
+    freeze_bottom: float = 0.25  # rule freeze-bottom: the least important fraction left frozen
+    rules: tuple[str, ...] = FINETUNE_RULES
+    methods: tuple[str, ...] = ()  # ranking methods whose rankings select layers; default: every method
+    data: str | None = None  # the data set (name) trained on and ranked on; default: the first
+    seed: int | None = None  # the seed whose rankings select; default: the first
+    overrides: tuple[str, ...] = ()  # FinetuneConfig `section.key=value` (from a mapping of dotted keys)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise IlaError(f"finetune.steps={self.steps} must be >= 1")
+        if any(not 0 < f <= 1 for f in self.fractions):
+            raise IlaError(f"finetune.fractions={list(self.fractions)} must be fractions in (0, 1]")
+        if not 0 <= self.freeze_bottom < 1:
+            raise IlaError(f"finetune.freeze_bottom={self.freeze_bottom} must lie in [0, 1)")
+        for rule in self.rules:
+            if rule not in FINETUNE_RULES:
+                raise IlaError(f"finetune.rules: unknown rule '{rule}'; allowed: {', '.join(FINETUNE_RULES)}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything `ila experiment` needs; paths are resolved against the YAML file's folder."""
+
+    model: str = DEFAULT_MODEL
+    datasets: tuple[tuple[str, str], ...] = ()  # (name, path) in the order given
+    seeds: tuple[int, ...] = (0,)
+    milestones: tuple[int, ...] = (25, 50, 100)  # percent of the Stage-1 steps; 100 is the final ranking
+    methods: tuple[str, ...] = (ILA, "random", "last", "first")
+    identify: tuple[str, ...] = ()  # IdentifyConfig `section.key=value` overrides, shared by every unit
+    k_percents: tuple[float, ...] = (10.0, 30.0, 50.0)
+    threads: int | None = None
+    output: str | None = None  # default: runs/experiment-<config file stem>
+    finetune: ExperimentFinetune | None = None
+
+    def __post_init__(self) -> None:
+        from ila.baselines import METHODS
+
+        if not self.datasets:
+            raise IlaError("datasets: give at least one data set (name: path)")
+        if not self.seeds:
+            raise IlaError("seeds: give at least one seed")
+        if any(not 0 < m <= 100 for m in self.milestones):
+            raise IlaError(f"milestones={list(self.milestones)} must be percentages in (0, 100]")
+        for method in self.methods:
+            if method != ILA and method not in METHODS:
+                raise IlaError(f"methods: unknown method '{method}'; allowed: {ILA}, {', '.join(METHODS)}")
+        if any(not 0 < k <= 100 for k in self.k_percents):
+            raise IlaError(f"k_percents={list(self.k_percents)} must be percentages in (0, 100]")
+        if self.finetune is not None:
+            names = [name for name, _ in self.datasets]
+            if self.finetune.data is not None and self.finetune.data not in names:
+                raise IlaError(f"finetune.data={self.finetune.data!r} is not a data set; allowed: {', '.join(names)}")
+            if self.finetune.seed is not None and self.finetune.seed not in self.seeds:
+                raise IlaError(f"finetune.seed={self.finetune.seed} is not one of seeds {list(self.seeds)}")
+            for method in self.finetune.methods:
+                if method not in self.methods:
+                    raise IlaError(f"finetune.methods: '{method}' is not one of methods {list(self.methods)}")
+
+    @property
+    def data_paths(self) -> dict[str, str]:
+        return dict(self.datasets)
+
+
+def _dotted_pairs(values: Any, key: str, prefix: str = "") -> list[str]:
+    """A mapping (nested, or with dotted keys) as `section.key=value` override strings; `key` names it in errors."""
+    import json
+
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        raise IlaError(f"{key} must be a mapping of section.key: value")
+    out = []
+    for name, value in values.items():
+        if isinstance(value, dict):
+            out += _dotted_pairs(value, f"{key}.{name}", f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}={json.dumps(value)}")  # JSON is YAML: parse_overrides reads it back
+    return out
+
+
+def _resolve(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    if p.is_absolute() or (not (base / p).exists() and not p.suffix):
+        return str(p)  # absolute, or a hub id such as "tatsu-lab/alpaca"
+    return str((base / p).resolve())
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and check an experiment YAML; unknown keys are IlaErrors naming the dotted key."""
+    path = Path(path)
+    raw = read_yaml(path)
+    base = path.resolve().parent
+    values = dict(raw)
+    datasets = values.pop("datasets", None)
+    if not isinstance(datasets, dict) or not datasets:
+        raise IlaError(f"{path}: datasets must be a mapping of name: path (at least one)")
+    identify = _dotted_pairs(values.pop("identify", None), "identify")
+    finetune = values.get("finetune")
+    ft_overrides: list[str] = []
+    if isinstance(finetune, dict):
+        finetune = dict(finetune)
+        ft_overrides = _dotted_pairs(finetune.pop("overrides", None), "finetune.overrides")
+        values["finetune"] = finetune
+    pairs = tuple((str(name), _resolve(str(p), base)) for name, p in datasets.items())
+    model = values.get("model")
+    if isinstance(model, str):
+        values["model"] = _resolve(model, base)
+    if values.get("output") is not None:
+        values["output"] = _resolve(str(values["output"]), base)
+    # datasets, identify and finetune.overrides are mappings the generic loader cannot type; the rest is checked
+    # field by field by build_config (unknown keys name the dotted key)
+    plain = {k: v for k, v in values.items() if k != "finetune"}
+    cfg = build_config(_ExperimentFields, plain)
+    ft = build_config(ExperimentFinetune, values["finetune"], prefix="finetune.") if "finetune" in values else None
+    if ft is not None:
+        ft = replace(ft, overrides=tuple(ft_overrides))
+    config = ExperimentConfig(model=cfg.model, datasets=pairs, seeds=cfg.seeds, milestones=cfg.milestones,
+                              methods=cfg.methods, identify=tuple(identify), k_percents=cfg.k_percents,
+                              threads=cfg.threads, output=cfg.output, finetune=ft)
+    identify_config(config, pairs[0][1], config.seeds[0], "unused")  # overrides: unknown keys fail now
+    if ft is not None:
+        finetune_config(config, "unused", None)
+    return config
+
+
+@dataclass(frozen=True)
+class _ExperimentFields:
+    """The plainly typed keys of an experiment YAML (checked by build_config)."""
+
+    model: str = DEFAULT_MODEL
+    seeds: tuple[int, ...] = (0,)
+    milestones: tuple[int, ...] = (25, 50, 100)
+    methods: tuple[str, ...] = (ILA, "random", "last", "first")
+    k_percents: tuple[float, ...] = (10.0, 30.0, 50.0)
+    threads: int | None = None
+    output: str | None = None
+
+
+def identify_config(cfg: ExperimentConfig, data_path: str, seed: int, output: str) -> IdentifyConfig:
+    """The IdentifyConfig of one identify unit: shared overrides, then model, data, seed, milestones, output."""
+    values = parse_overrides([f"identify.{item}" for item in cfg.identify]).get("identify", {})
+    run: dict[str, Any] = {"seed": seed, "output": output}
+    if cfg.threads:
+        run["threads"] = cfg.threads
+    values = merge(values, {"model": {"name": cfg.model}, "data": {"path": data_path}, "run": run,
+                            "stage1": {"milestones": sorted(set(cfg.milestones) | {100})}})
+    try:
+        return build_config(IdentifyConfig, values, prefix="")
+    except IlaError as err:
+        raise IlaError(f"identify: {err}") from None
+
+
+def finetune_config(cfg: ExperimentConfig, output: str, selection: str | None) -> FinetuneConfig:
+    """The FinetuneConfig of one finetune unit; data and LoRA settings follow the identify overrides."""
+    assert cfg.finetune is not None
+    ft = cfg.finetune
+    shared = parse_overrides([f"identify.{item}" for item in cfg.identify]).get("identify", {})
+    values: dict[str, Any] = {key: shared[key] for key in ("data", "lora") if key in shared}
+    values = merge(values, parse_overrides([f"finetune.{item}" for item in ft.overrides]).get("finetune", {}))
+    run: dict[str, Any] = {"seed": _finetune_seed(cfg), "output": output}
+    if cfg.threads:
+        run["threads"] = cfg.threads
+    values = merge(values, {"model": {"name": cfg.model}, "data": {"path": cfg.data_paths[_finetune_data(cfg)]},
+                            "finetune": {"method": ft.method, "max_steps": ft.steps, "selection": selection},
+                            "run": run})
+    try:
+        return build_config(FinetuneConfig, values)
+    except IlaError as err:
+        raise IlaError(f"finetune.overrides: {err}") from None
+
+
+def _finetune_data(cfg: ExperimentConfig) -> str:
+    assert cfg.finetune is not None
+    return cfg.finetune.data or cfg.datasets[0][0]
+
+
+def _finetune_seed(cfg: ExperimentConfig) -> int:
+    assert cfg.finetune is not None
+    return cfg.finetune.seed if cfg.finetune.seed is not None else cfg.seeds[0]
+
+
+# ------------------------------------------------------------------------------------------- units and folders
+
+
+def _is_complete(folder: Path) -> bool:
+    import json
+
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return manifest.get("status") == "complete"
+
+
+def identify_dir(root: Path, data: str, seed: int) -> Path:
+    return root / "identify" / f"{data}-seed{seed}"
+
+
+def ranking_dir(root: Path, method: str, data: str, seed: int, milestone: int = 100) -> Path:
+    """Where one ranking lives; baselines that ignore the data or the seed share one folder across them."""
+    if method == ILA:
+        run = identify_dir(root, data, seed)
+        return run if milestone == 100 else run / f"milestone-{milestone}"
+    parts = [method]
+    if method not in DATA_FREE:
+        parts.append(data)
+    if method not in SEED_FREE:
+        parts.append(f"seed{seed}")
+    if method == "delta-norm" and milestone != 100:
+        parts.append(f"milestone-{milestone}")
+    return root / "rank" / "-".join(parts)
+
+
+@dataclass
+class ExperimentResult:
+    root: Path
+    computed: list[str] = field(default_factory=list)  # units run by this call (folder paths)
+    skipped: list[str] = field(default_factory=list)  # units already complete
+    missing: list[str] = field(default_factory=list)  # units that could not be computed (with the reason)
+    report: Path | None = None
+
+
+def run_experiment(cfg: ExperimentConfig, output: str | Path | None = None) -> ExperimentResult:
+    """Run every unit of the grid that is not complete yet, then write report.md."""
+    root = Path(output or cfg.output or "runs/experiment")
+    root.mkdir(parents=True, exist_ok=True)
+    write_yaml(root / "experiment.yaml", _plain(cfg))
+    result = ExperimentResult(root)
+
+    def unit(folder: Path, work: Callable[[], Any]) -> None:
+        if _is_complete(folder):
+            result.skipped.append(str(folder))
+            return
+        log.info("experiment unit %s", folder.relative_to(root))
+        try:
+            work()
+        except IlaError as err:  # one failed unit (say a non-finite loss) must not stop a grid of hours
+            log.error("experiment unit %s failed: %s", folder, err)
+            result.missing.append(f"{folder} (failed: {err})")
+            return
+        result.computed.append(str(folder))
+
+    for data, data_path in cfg.datasets:
+        for seed in cfg.seeds:
+            _identify_units(cfg, root, data, data_path, seed, unit, result)
+    for data, data_path in cfg.datasets:
+        for seed in cfg.seeds:
+            _baseline_units(cfg, root, data, data_path, seed, unit, result)
+    if cfg.finetune is not None:
+        _finetune_units(cfg, root, unit)
+    result.report = root / "report.md"
+    atomic_write_text(result.report, write_report(cfg, root, result))
+    return result
+
+
+def _identify_units(cfg: ExperimentConfig, root: Path, data: str, data_path: str, seed: int,
+                    unit: Callable[[Path, Callable[[], Any]], None], result: ExperimentResult) -> None:
+    from ila.identify import resume_identify, run_identify, run_milestone
+
+    if ILA not in cfg.methods and "delta-norm" not in cfg.methods:
+        return
+    run_dir = identify_dir(root, data, seed)
+
+    def identify() -> None:
+        if (run_dir / "config.yaml").is_file() and (run_dir / "stage1").is_dir():
+            resume_identify(run_dir, command="ila experiment")  # continue from its checkpoints
+        else:
+            run_identify(identify_config(cfg, data_path, seed, str(run_dir)), overwrite=True,
+                         command="ila experiment")
+
+    unit(run_dir, identify)
+    if ILA not in cfg.methods:
+        return
+    for milestone in sorted(set(cfg.milestones) - {100}):
+        folder = ranking_dir(root, ILA, data, seed, milestone)
+        if not (run_dir / "stage1" / f"milestone-{milestone}" / "adapter_config.json").is_file():
+            result.missing.append(f"{folder} (Stage 1 stopped before milestone {milestone}%)")
+            continue
+
+        def rank_milestone(milestone: int = milestone) -> None:
+            run_milestone(run_dir, milestone, overwrite=True, command="ila experiment")
+
+        unit(folder, rank_milestone)
+
+
+def _baseline_units(cfg: ExperimentConfig, root: Path, data: str, data_path: str, seed: int,
+                    unit: Callable[[Path, Callable[[], Any]], None], result: ExperimentResult) -> None:
+    from ila.baselines import BaselineSettings, run_rank
+
+    icfg = identify_config(cfg, data_path, seed, "unused")
+    settings = BaselineSettings(seed=seed, lora=icfg.lora)
+    for method in cfg.methods:
+        if method == ILA:
+            continue
+        milestones = sorted(set(cfg.milestones) | {100}) if method == "delta-norm" else [100]
+        for milestone in milestones:
+            folder = ranking_dir(root, method, data, seed, milestone)
+            adapter = None
+            if method == "delta-norm":
+                stage1 = identify_dir(root, data, seed) / "stage1"
+                adapter = stage1 / ("adapter" if milestone == 100 else f"milestone-{milestone}")
+                if not (adapter / "adapter_config.json").is_file():
+                    result.missing.append(f"{folder} (no Stage-1 adapter {adapter})")
+                    continue
+
+            def work(method: str = method, folder: Path = folder, adapter: Path | None = adapter) -> None:
+                run_rank(method, cfg.model, data=None if method in DATA_FREE else data_path,
+                         adapter=str(adapter) if adapter else None, output=str(folder), settings=settings,
+                         max_length=icfg.data.max_length, include_lm_head=icfg.model.include_lm_head,
+                         threads=cfg.threads, overwrite=True, command="ila experiment")
+
+            unit(folder, work)
+
+
+def finetune_units(cfg: ExperimentConfig) -> list[tuple[str, str | None, str, float | None]]:
+    """(folder name, ranking method, rule, fraction) of every finetune unit, in report order."""
+    assert cfg.finetune is not None
+    ft = cfg.finetune
+    methods = ft.methods or cfg.methods
+    out: list[tuple[str, str | None, str, float | None]] = []
+    if "all" in ft.rules:
+        out.append(("all", None, "all", 1.0))
+    for method in methods:
+        if "freeze-bottom" in ft.rules:
+            out.append((f"{method}-freeze-bottom{round(ft.freeze_bottom * 100)}", method, "freeze-bottom",
+                        1.0 - ft.freeze_bottom))
+        if "top" in ft.rules:
+            out += [(f"{method}-top{round(f * 100)}", method, "top", f) for f in ft.fractions if f < 1.0]
+    return out
+
+
+def _finetune_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Callable[[], Any]], None]) -> None:
+    from ila.finetune import run_finetune
+    from ila.selection import SelectionRule, select_from_file
+
+    assert cfg.finetune is not None
+    data, seed = _finetune_data(cfg), _finetune_seed(cfg)
+    selections = root / "finetune" / "selections"
+    for name, method, rule, fraction in finetune_units(cfg):
+        folder = root / "finetune" / name
+
+        def work(name: str = name, method: str | None = method, rule: str = rule,
+                 fraction: float | None = fraction, folder: Path = folder) -> None:
+            selection_path = None
+            if method is not None:
+                ranking = ranking_dir(root, method, data, seed) / "ranking.json"
+                if rule == "top":
+                    chosen = SelectionRule("top_fraction", fraction)
+                else:
+                    chosen = SelectionRule("freeze_bottom", cfg.finetune.freeze_bottom if cfg.finetune else 0.0)
+                selection = select_from_file(ranking, chosen, cfg.model)
+                selections.mkdir(parents=True, exist_ok=True)
+                selection_path = selections / f"{name}.json"
+                selection.save(selection_path)
+            run_finetune(finetune_config(cfg, str(folder), str(selection_path) if selection_path else None),
+                         overwrite=True, command="ila experiment")
+
+        unit(folder, work)
+
+
+def _plain(cfg: ExperimentConfig) -> dict[str, Any]:
+    out = config_to_dict(cfg)
+    out["datasets"] = dict(cfg.datasets)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _load(folder: Path) -> Ranking | None:
+    path = folder / "ranking.json"
+    return load_ranking(path) if path.is_file() else None
+
+
+def _overlap_rows(cfg: ExperimentConfig, rankings: Sequence[Ranking], labels: Sequence[str],
+                  context: str) -> tuple[list[str], dict[str, Any]]:
+    from ila.compare import compare_rankings
+
+    comparison = compare_rankings(rankings, labels, cfg.k_percents)
+    rows = []
+    for index, pair in enumerate(comparison.levels[0].pairs):
+        cells = [f"{lv.pairs[index].jaccard:.3f} (p={lv.pairs[index].p_value:.2g})" for lv in comparison.levels]
+        corr = comparison.correlations[index]
+        rows.append(f"| {context} | {pair.a} vs {pair.b} | " + " | ".join(cells) + f" | {corr.spearman:.3f} |")
+    return rows, comparison.to_dict()
+
+
+def _overlap_table(cfg: ExperimentConfig, title: str, groups: list[tuple[str, list[Ranking], list[str]]],
+                   note: str, saved: dict[str, Any], key: str) -> list[str]:
+    lines = [f"### {title}", "", note, ""]
+    usable = [(context, r, labels) for context, r, labels in groups if len(r) >= 2]
+    if not usable:
+        return [*lines, "(not enough rankings for this comparison)", ""]
+    head = " | ".join(f"top {k:g}%" for k in cfg.k_percents)
+    lines += [f"| group | pair | {head} | Spearman |", "|---" * (len(cfg.k_percents) + 3) + "|"]
+    chance: list[str] = []
+    for context, rankings, labels in usable:
+        rows, data = _overlap_rows(cfg, rankings, labels, context)
+        lines += rows
+        saved[f"{key}/{context}"] = data
+        chance = [f"{level['chance_jaccard']:.3f}" for level in data["k"]]
+    lines += ["| chance level | | " + " | ".join(chance) + " | 0 |", ""]
+    return lines
+
+
+def write_report(cfg: ExperimentConfig, root: Path, result: ExperimentResult | None = None) -> str:
+    """report.md: overlap tables per method (cross-data-set, cross-seed, milestone vs final) and fine-tuning."""
+    names = [name for name, _ in cfg.datasets]
+    lines = ["# Experiment report", "", f"Model: `{cfg.model}`; data sets: {', '.join(names)}; seeds: "
+             f"{', '.join(map(str, cfg.seeds))}; milestones: {', '.join(f'{m}%' for m in cfg.milestones)}; "
+             f"methods: {', '.join(cfg.methods)}.", "",
+             "Cells: Jaccard of the top-K sets (p: one-sided hypergeometric test against two random K-sets); "
+             "Spearman over the full rankings. The chance level is the expected Jaccard of two random K-sets.", ""]
+    saved: dict[str, Any] = {}
+    for method in cfg.methods:
+        lines += [f"## {method}", ""]
+        if method in DATA_FREE:
+            lines += [f"{method} does not read the data: its rankings are identical across data sets by "
+                      "construction.", ""]
+        else:
+            groups = []
+            for seed in cfg.seeds:
+                pairs = [(name, _load(ranking_dir(root, method, name, seed))) for name in names]
+                found = [(n, r) for n, r in pairs if r is not None]
+                groups.append((f"seed {seed}", [r for _, r in found], [n for n, _ in found]))
+            lines += _overlap_table(cfg, "Across data sets", groups, "Final rankings of each data set, per seed.",
+                                    saved, f"{method}/data")
+        if method in SEED_FREE:
+            lines += [f"{method} does not depend on the seed: identical across seeds by construction.", ""]
+        else:
+            groups = []
+            for name in names[:1] if method in DATA_FREE else names:
+                pairs2 = [(f"seed {s}", _load(ranking_dir(root, method, name, s))) for s in cfg.seeds]
+                found2 = [(n, r) for n, r in pairs2 if r is not None]
+                context = "any data set" if method in DATA_FREE else name
+                groups.append((context, [r for _, r in found2], [n for n, _ in found2]))
+            lines += _overlap_table(cfg, "Across seeds", groups, "Final rankings of each seed, per data set.",
+                                    saved, f"{method}/seed")
+        early = sorted(set(cfg.milestones) - {100})
+        if method in MILESTONE_METHODS and early:
+            lines += ["### Milestone vs final", "", "Ranking from each Stage-1 milestone (percent of the planned "
+                      "steps) against the final ranking.", ""]
+            head = " | ".join(f"top {k:g}%" for k in cfg.k_percents)
+            lines += [f"| group | pair | {head} | Spearman |", "|---" * (len(cfg.k_percents) + 3) + "|"]
+            chance: list[str] = []
+            for name in names:
+                for seed in cfg.seeds:
+                    final = _load(ranking_dir(root, method, name, seed))
+                    for milestone in early:
+                        at = _load(ranking_dir(root, method, name, seed, milestone))
+                        if final is None or at is None:
+                            continue
+                        context = f"{name} seed {seed}"
+                        rows, data = _overlap_rows(cfg, [at, final], [f"{milestone}%", "final"], context)
+                        lines += rows
+                        saved[f"{method}/milestone/{context}/{milestone}"] = data
+                        chance = [f"{level['chance_jaccard']:.3f}" for level in data["k"]]
+            lines += ["| chance level | | " + " | ".join(chance) + " | 0 |", ""]
+        elif method not in MILESTONE_METHODS:
+            lines += [f"{method} does not read the Stage-1 update: no milestone comparison.", ""]
+    if cfg.finetune is not None:
+        lines += finetune_section(cfg, root)
+    if result is not None and result.missing:
+        lines += ["## Missing units", ""] + [f"- {item}" for item in result.missing] + [""]
+    write_json(root / "comparisons.json", saved)
+    return "\n".join(lines)
+
+
+def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
+    """One row per complete finetune unit: rule, ranking, fraction, layers, parameters, loss, step time, memory."""
+    import json
+
+    rows = []
+    for name, method, rule, fraction in finetune_units(cfg):
+        folder = root / "finetune" / name
+        if not _is_complete(folder):
+            continue
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        selection = json.loads((folder / "selection.json").read_text(encoding="utf-8"))
+        heldout = manifest.get("heldout_loss") or [{}]
+        rows.append({"unit": name, "method": method or "-", "rule": rule, "fraction": fraction,
+                     "layers": f"{selection.get('n_selected')}/{selection.get('n_layers')}",
+                     "params": manifest.get("trainable_params", {}).get("count"),
+                     "base_loss": heldout[0].get("loss"), "loss": heldout[-1].get("loss"),
+                     "median_step_s": manifest.get("training", {}).get("median_step_s"),
+                     "peak_gb": max(manifest.get("memory", {}).values() or [float("nan")])})
+    return rows
+
+
+def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
+    assert cfg.finetune is not None
+    rows = finetune_rows(cfg, root)
+    ft = cfg.finetune
+    lines = ["## Fine-tuning", "",
+             f"{ft.method}, {ft.steps} steps each, from the base model on {_finetune_data(cfg)} (rankings of seed "
+             f"{_finetune_seed(cfg)}). Held-out loss: base -> after training.", "",
+             "| unit | rule | ranking | fraction | layers | trainable params | held-out loss | median step s | "
+             "peak memory GB |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def num(value: Any, spec: str) -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+    for row in rows:
+        lines.append(f"| {row['unit']} | {row['rule']} | {row['method']} | {num(row['fraction'], '.2f')} | "
+                     f"{row['layers']} | {num(row['params'], ',')} | {num(row['base_loss'], '.4f')} -> "
+                     f"{num(row['loss'], '.4f')} | {num(row['median_step_s'], '.3f')} | {num(row['peak_gb'], '.2f')} |")
+    ablation = [r for r in rows if r["rule"] in ("top", "all")]
+    if ablation:
+        lines += ["", "### Ablation: selected fraction", "",
+                  "Held-out loss and median step time against the fraction of layers trained (rule top; "
+                  "fraction 1.0 is every layer).", "", "![ablation](ablation.png)", ""]
+        plot_ablation(ablation, root / "ablation.png")
+        write_json(root / "finetune.json", rows)
+    return [*lines, ""]
+
+
+def plot_ablation(rows: list[dict[str, Any]], path: Path) -> None:
+    """Held-out loss and median step time vs selected fraction, one line per ranking method."""
+    import matplotlib.pyplot as plt
+
+    from ila.plots import save_figure
+
+    full = [r for r in rows if r["rule"] == "all"]
+    methods = sorted({r["method"] for r in rows if r["rule"] == "top"})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method in methods or ["-"]:
+        points = sorted([(r["fraction"], r) for r in rows if r["method"] == method and r["rule"] == "top"] +
+                        [(1.0, r) for r in full], key=lambda item: item[0])
+        xs = [f for f, _ in points]
+        for ax, key in zip(axes, ("loss", "median_step_s"), strict=True):
+            ax.plot(xs, [r[key] if r[key] is not None else float("nan") for _, r in points], marker="o",
+                    label=method)
+    axes[0].set_ylabel("held-out loss")
+    axes[1].set_ylabel("median step (s)")
+    for ax in axes:
+        ax.set_xlabel("fraction of layers trained")
+        ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -1,0 +1,150 @@
+"""`ila experiment`: a tiny grid runs end to end, a rerun recomputes nothing, an interrupted one resumes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import ila.identify
+from conftest import make_rows, write_jsonl
+from ila.cli import main
+from ila.errors import IlaError
+from ila.experiment import load_experiment, run_experiment
+
+
+def write_grid(folder: Path, model_dir: Path, data_a: Path) -> Path:
+    write_jsonl(folder / "b.jsonl", make_rows(40)[::-1])
+    grid = {
+        "model": str(model_dir),
+        "datasets": {"a": str(data_a), "b": "b.jsonl"},  # b: relative to the YAML's folder
+        "seeds": [0, 1],
+        "milestones": [50, 100],
+        "methods": ["ila", "random", "last"],
+        "k_percents": [25, 50],
+        "threads": 1,
+        "identify": {"stage1.max_steps": 4, "stage1.window": 2, "stage1.batch_size": 4, "stage1.lr": "1e-2",
+                     "stage1.stop_rule": "steps", "stage2": {"steps": 2, "batch_size": 4},
+                     "data.max_length": 48, "run.checkpoint_every": 0},
+        "finetune": {"steps": 2, "rules": ["top", "all"], "fractions": [0.3], "methods": ["ila"],
+                     "overrides": {"finetune.eval_every": 1, "finetune.warmup_steps": 0}},
+    }
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the identify, milestone, rank and finetune calls the experiment makes."""
+    import ila.baselines
+    import ila.finetune
+
+    calls = {"identify": 0, "milestone": 0, "rank": 0, "finetune": 0}
+    for module, name, key in ((ila.identify, "run_identify", "identify"), (ila.identify, "run_milestone", "milestone"),
+                              (ila.baselines, "run_rank", "rank"), (ila.finetune, "run_finetune", "finetune")):
+        original = getattr(module, name)
+
+        def spy(*args, _original=original, _key=key, **kwargs):  # type: ignore[no-untyped-def]
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_tiny_grid_end_to_end_rerun_and_resume(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path,
+                                               counted: dict[str, int]) -> None:
+    cfg = load_experiment(write_grid(tmp_path, tiny_model_dir, tiny_data))
+    assert dict(cfg.datasets)["b"] == str((tmp_path / "b.jsonl").resolve())
+    root = tmp_path / "exp"
+    result = run_experiment(cfg, root)
+    # 4 identify runs, 4 milestone rankings, random per seed (2) + last once, finetune top30-ila + all
+    assert counted == {"identify": 4, "milestone": 4, "rank": 3, "finetune": 2}
+    assert not result.missing
+    report = (root / "report.md").read_text(encoding="utf-8")
+    for heading in ("## ila", "## random", "## last", "### Across data sets", "### Across seeds",
+                    "### Milestone vs final", "## Fine-tuning", "### Ablation: selected fraction"):
+        assert heading in report
+    assert "| seed 0 | a vs b |" in report and "| a | seed 0 vs seed 1 |" in report
+    assert "| a seed 0 | 50% vs final |" in report and "chance level" in report
+    assert "| ila-top30 | top | ila | 0.30 |" in report and "| all | all |" in report
+    assert (root / "ablation.png").is_file()
+    assert (root / "identify" / "a-seed0" / "milestone-50" / "ranking.json").is_file()
+
+    # again: nothing is recomputed
+    before = dict(counted)
+    again = run_experiment(cfg, root)
+    assert counted == before and not again.computed
+
+    # interrupted: one identify unit (with its milestone) and one finetune unit lost -> only those are redone
+    shutil.rmtree(root / "identify" / "b-seed1")
+    shutil.rmtree(root / "finetune" / "all")
+    resumed = run_experiment(cfg, root)
+    assert {k: counted[k] - before[k] for k in counted} == {"identify": 1, "milestone": 1, "rank": 0, "finetune": 1}
+    assert sorted(Path(p).relative_to(root).as_posix() for p in resumed.computed) == [
+        "finetune/all", "identify/b-seed1", "identify/b-seed1/milestone-50"]
+
+
+def test_unit_that_fails_once_is_redone_alone(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path,
+                                             counted: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
+    raw.update(seeds=[0], methods=["ila"], milestones=[100])
+    del raw["finetune"]
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    cfg = load_experiment(path)
+    spy = ila.identify.run_identify
+
+    def fail_on_b(icfg, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(icfg.run.output).endswith("b-seed0"):
+            raise KeyboardInterrupt  # the run is stopped while this unit computes
+        return spy(icfg, *args, **kwargs)
+
+    monkeypatch.setattr(ila.identify, "run_identify", fail_on_b)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "exp")
+    assert counted["identify"] == 1
+    def ila_error_on_b(icfg, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(icfg.run.output).endswith("b-seed0"):
+            raise IlaError("loss is not finite")
+        return spy(icfg, *args, **kwargs)
+
+    monkeypatch.setattr(ila.identify, "run_identify", ila_error_on_b)
+    failed = run_experiment(cfg, tmp_path / "exp")  # a failed unit is listed, the others go on
+    assert counted["identify"] == 1 and not failed.computed and len(failed.missing) == 1
+    assert "loss is not finite" in (tmp_path / "exp" / "report.md").read_text(encoding="utf-8")
+    monkeypatch.setattr(ila.identify, "run_identify", spy)
+    resumed = run_experiment(cfg, tmp_path / "exp")
+    assert counted["identify"] == 2
+    assert [Path(p).name for p in resumed.computed] == ["b-seed0"] and not resumed.missing
+    assert "| seed 0 | a vs b |" in (tmp_path / "exp" / "report.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"sedes": [0]}, "unknown config key 'sedes'"),
+    ({"finetune": {"stpes": 2}}, "unknown config key 'finetune.stpes'"),
+    ({"identify": {"stage1.max_stpes": 2}}, "unknown config key 'stage1.max_stpes'"),
+    ({"methods": ["ila", "magic"]}, "unknown method 'magic'"),
+])
+def test_bad_config_is_one_line_error(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path,
+                                      edit: dict, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
+    raw.update(edit)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with pytest.raises(IlaError, match=message):
+        load_experiment(path)
+    assert main(["experiment", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_paper_small_config_loads() -> None:
+    cfg = load_experiment(Path(__file__).parents[1] / "experiments" / "paper_small.yaml")
+    assert cfg.model == "smollm2-135m-instruct" and len(cfg.seeds) == 2
+    assert [name for name, _ in cfg.datasets] == ["lima", "alpaca_gpt4", "gsm8k"]
+    assert cfg.finetune is not None and cfg.finetune.method == "lora"
