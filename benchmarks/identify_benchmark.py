@@ -106,7 +106,7 @@ def padding(batch_size: int = 4) -> None:
     grouped = length_grouped_order(lengths, batch_size, random.Random(0))
     order = list(range(len(lengths)))
     random.Random(0).shuffle(order)
-    plain = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    plain = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
     def waste(batches: list[list[int]]) -> float:
         real = sum(lengths[i] for b in batches for i in b)
@@ -122,8 +122,9 @@ def default_run() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "ila", "-q", "identify", "--output", str(out)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ila", "-q", "identify", "--output", str(out)], capture_output=True, text=True
+        )
         wall = time.perf_counter() - start
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
         if proc.returncode != 0:
@@ -134,10 +135,14 @@ def default_run() -> None:
         print(f"- wall time {wall:.0f} s (target <= 600 s), peak RSS {peak_gb:.2f} GB (target < 8 GB)")
         print("- where the time went: " + ", ".join(f"{k} {v:.1f} s" for k, v in manifest["timings"].items()))
         s1, s2 = manifest["stage1"], manifest["stage2"]
-        print(f"- stage 1: {s1['steps']} steps ({s1['stopped_by']}), median {s1['median_step_s']:.2f} s/step, "
-              f"{s1['tokens_per_s']:.0f} tokens/s, padding {s1['padding_fraction']:.1%}")
-        print(f"- stage 2: {s2['steps']} steps, median {s2['median_step_s']:.2f} s/step "
-              f"(ratio to stage 1 in this run: {s2['median_step_s'] / s1['median_step_s']:.2f})")
+        print(
+            f"- stage 1: {s1['steps']} steps ({s1['stopped_by']}), median {s1['median_step_s']:.2f} s/step, "
+            f"{s1['tokens_per_s']:.0f} tokens/s, padding {s1['padding_fraction']:.1%}"
+        )
+        print(
+            f"- stage 2: {s2['steps']} steps, median {s2['median_step_s']:.2f} s/step "
+            f"(ratio to stage 1 in this run: {s2['median_step_s'] / s1['median_step_s']:.2f})"
+        )
         print("- held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in manifest["heldout_loss"].items()))
 
 

@@ -18,10 +18,22 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ila.selection import ModelShapes, SelectionRule, estimate_training_memory
 
 CONFIGS = {
-    "7B (Llama-2 shape)": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "70B (Llama-2 shape)": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                       num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
+    "7B (Llama-2 shape)": LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "70B (Llama-2 shape)": LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
 }
 
 

@@ -36,8 +36,9 @@ def masked_loss(model, layers, keep, batches, device) -> float:  # type: ignore[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
-    parser.add_argument("--variants", nargs="+", default=["penalty:1:0.1:60", "penalty:5:0.1:60",
-                                                           "budget:0:0.1:60", "topk:0:0.1:60"])
+    parser.add_argument(
+        "--variants", nargs="+", default=["penalty:1:0.1:60", "penalty:5:0.1:60", "budget:0:0.1:60", "topk:0:0.1:60"]
+    )
     parser.add_argument("--random-draws", type=int, default=5)
     parser.add_argument("--fraction", type=float, default=0.3)
     args = parser.parse_args()
@@ -51,15 +52,18 @@ def main() -> None:
     full = heldout_loss(model, batches, device)
     rng = random.Random(0)
     names = [layer.name for layer in layers]
-    random_losses = [masked_loss(model, layers, set(rng.sample(names, k)), batches, device)
-                     for _ in range(args.random_draws)]
+    random_losses = [
+        masked_loss(model, layers, set(rng.sample(names, k)), batches, device) for _ in range(args.random_draws)
+    ]
     rand = statistics.median(random_losses)
 
     def kept(loss: float) -> str:
         return f"{(base - loss) / (base - full):.0%}"
 
-    print(f"held-out loss: base {base:.4f}, stage 1 {full:.4f}; random {args.fraction:.0%} (median of "
-          f"{args.random_draws}) {rand:.4f} keeps {kept(rand)} of the reduction")
+    print(
+        f"held-out loss: base {base:.4f}, stage 1 {full:.4f}; random {args.fraction:.0%} (median of "
+        f"{args.random_draws}) {rand:.4f} keeps {kept(rand)} of the reduction"
+    )
     print("| variant | std γ | mean γ | top-30% loss | kept | module types in top 30% |")
     print("|---|---|---|---|---|---|")
     for variant in args.variants:
@@ -73,8 +77,10 @@ def main() -> None:
         types: dict[str, int] = {}
         for entry in ranking.layers[:k]:
             types[entry.module_type.split(".")[-1]] = types.get(entry.module_type.split(".")[-1], 0) + 1
-        print(f"| {variant} | {float(gam.std()):.3f} | {float(gam.mean()):.3f} | {loss:.4f} | {kept(loss)} | "
-              f"{types} |", flush=True)
+        print(
+            f"| {variant} | {float(gam.std()):.3f} | {float(gam.mean()):.3f} | {loss:.4f} | {kept(loss)} | {types} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

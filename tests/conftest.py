@@ -28,7 +28,65 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORDS = ["the", "a", "an", "is", "are", "was", "what", "how", "why", "explain", "list", "write", "give", "tell", "me", "about", "of", "to", "and", "in", "for", "on", "with", "python", "code", "data", "model", "layer", "train", "answer", "question", "short", "long", "good", "bad", "yes", "no", "please", "thanks", "help", "water", "sun", "moon", "cat", "dog", "tree", "book", "music", "art", "science", "history", "math", "one", "two", "three", "four", "five"]
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "is",
+    "are",
+    "was",
+    "what",
+    "how",
+    "why",
+    "explain",
+    "list",
+    "write",
+    "give",
+    "tell",
+    "me",
+    "about",
+    "of",
+    "to",
+    "and",
+    "in",
+    "for",
+    "on",
+    "with",
+    "python",
+    "code",
+    "data",
+    "model",
+    "layer",
+    "train",
+    "answer",
+    "question",
+    "short",
+    "long",
+    "good",
+    "bad",
+    "yes",
+    "no",
+    "please",
+    "thanks",
+    "help",
+    "water",
+    "sun",
+    "moon",
+    "cat",
+    "dog",
+    "tree",
+    "book",
+    "music",
+    "art",
+    "science",
+    "history",
+    "math",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+]
 VOCAB_SIZE = 128
 
 
@@ -40,10 +98,16 @@ def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
         vocab.setdefault(ch, len(vocab))
     assert len(vocab) <= VOCAB_SIZE
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
-                                                 pre_tokenizers.WhitespaceSplit()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>",
-                                        eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -51,24 +115,51 @@ def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=1, eos_token_id=3, bos_token_id=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        eos_token_id=3,
+        bos_token_id=2,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=1, eos_token_id=3, bos_token_id=2)
+    config = Qwen2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=1,
+        eos_token_id=3,
+        bos_token_id=2,
+    )
     return Qwen2ForCausalLM(config).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=4, n_head=4, n_positions=256,
-                        pad_token_id=1, eos_token_id=3, bos_token_id=2)
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        n_positions=256,
+        pad_token_id=1,
+        eos_token_id=3,
+        bos_token_id=2,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -82,8 +173,13 @@ def make_rows(n: int = 48) -> list[dict[str, str]]:
     rows = []
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
-        rows.append({"instruction": f"tell me about {topic} please", "input": "",
-                     "output": f"the {topic} is good and the {topic} is {WORDS[i % 7]} . thanks"})
+        rows.append(
+            {
+                "instruction": f"tell me about {topic} please",
+                "input": "",
+                "output": f"the {topic} is good and the {topic} is {WORDS[i % 7]} . thanks",
+            }
+        )
     return rows
 
 
@@ -114,5 +210,13 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def fast_overrides() -> list[str]:
     """A config small enough for a tiny model to finish identify in seconds."""
-    return ["stage1.max_steps=12", "stage1.window=4", "stage1.batch_size=4", "stage1.lr=0.01",
-            "stage2.steps=8", "stage2.batch_size=4", "data.max_length=64", "run.threads=1"]
+    return [
+        "stage1.max_steps=12",
+        "stage1.window=4",
+        "stage1.batch_size=4",
+        "stage1.lr=0.01",
+        "stage2.steps=8",
+        "stage2.batch_size=4",
+        "data.max_length=64",
+        "run.threads=1",
+    ]

@@ -105,8 +105,9 @@ def test_delta_norm_finds_the_planted_update(tmp_path: Path) -> None:
     by_name = {e.name: e for e in ranking.layers}
     for layer in layers:  # the per-entry RMS of the true update
         assert by_name[layer.name].score == pytest.approx(truth[layer.name] / math.sqrt(layer.n_params), rel=1e-4)
-    raw = rank_with("delta-norm", layers, model, adapter=tmp_path / "adapter",
-                    settings=BaselineSettings(normalize=False))
+    raw = rank_with(
+        "delta-norm", layers, model, adapter=tmp_path / "adapter", settings=BaselineSettings(normalize=False)
+    )
     assert {e.name: e.score for e in raw.layers} == pytest.approx(truth, rel=1e-4)
     # the adapter is taken off again: the model is unchanged, not wrapped, still trainable
     assert type(model.get_submodule(PLANTED)) is torch.nn.Linear
@@ -141,8 +142,9 @@ def test_spectrum_score_on_noise_and_signal() -> None:
     pure = spectrum_score(noise)
     assert pure.sigma == pytest.approx(0.02, rel=0.05)  # the median rule recovers the entry std
     assert pure.above <= 2
-    spikes = sum(3.0 * torch.outer(torch.randn(256, generator=rng), torch.randn(128, generator=rng)) / 150
-                 for _ in range(4))
+    spikes = sum(
+        3.0 * torch.outer(torch.randn(256, generator=rng), torch.randn(128, generator=rng)) / 150 for _ in range(4)
+    )
     planted = spectrum_score(noise + spikes)
     assert planted.above >= 4 and planted.snr > pure.snr
     assert spectrum_score(noise.T).snr == pytest.approx(pure.snr, rel=1e-4)  # orientation does not matter
@@ -161,8 +163,11 @@ def set_noise_weights(model: torch.nn.Module, layers: list[Layer], planted: str 
             value = 0.02 * torch.randn(rows, cols, generator=rng)
             if layer.name == planted:
                 for _ in range(3):
-                    value += 0.5 * torch.outer(torch.randn(rows, generator=rng), torch.randn(cols, generator=rng)) / (
-                        math.sqrt(rows * cols))
+                    value += (
+                        0.5
+                        * torch.outer(torch.randn(rows, generator=rng), torch.randn(cols, generator=rng))
+                        / (math.sqrt(rows * cols))
+                    )
             weight.copy_(value)
 
 
@@ -214,14 +219,26 @@ def test_grad_norm_is_finite_deterministic_and_leaves_the_model_alone(examples) 
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
     assert type(model.get_submodule(PLANTED)) is torch.nn.Linear
-    raw = rank_with("grad-norm", layers, model, examples=examples, pad_id=1,
-                    settings=BaselineSettings(grad_batches=2, batch_size=4, normalize=False))
+    raw = rank_with(
+        "grad-norm",
+        layers,
+        model,
+        examples=examples,
+        pad_id=1,
+        settings=BaselineSettings(grad_batches=2, batch_size=4, normalize=False),
+    )
     by_name = {e.name: e.score for e in first.layers}
     for entry in raw.layers:  # normalised = raw / sqrt(out * r)
         layer = next(la for la in layers if la.name == entry.name)
         assert by_name[entry.name] == pytest.approx(entry.score / math.sqrt(layer.out_features * 8), rel=1e-6)
-    other = rank_with("grad-norm", layers, model, examples=examples, pad_id=1,
-                      settings=BaselineSettings(grad_batches=2, batch_size=4, seed=1))
+    other = rank_with(
+        "grad-norm",
+        layers,
+        model,
+        examples=examples,
+        pad_id=1,
+        settings=BaselineSettings(grad_batches=2, batch_size=4, seed=1),
+    )
     assert [e.score for e in other.layers] != scores
 
 
@@ -241,8 +258,24 @@ def test_data_free_methods_never_read_data(tmp_path: Path, tiny_model_dir: Path)
 
 def test_rank_cli(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "gnorm"
-    code = main(["-q", "rank", "--method", "grad-norm", "--model", str(tiny_model_dir), "--data", str(tiny_data),
-                 "--batches", "2", "--max-length", "64", "--output", str(out)])
+    code = main(
+        [
+            "-q",
+            "rank",
+            "--method",
+            "grad-norm",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(tiny_data),
+            "--batches",
+            "2",
+            "--max-length",
+            "64",
+            "--output",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert str(out) in captured.out
@@ -254,11 +287,24 @@ def test_rank_cli(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, capsys:
     # user errors: one line, exit 2, no run folder left behind
     code = main(["-q", "rank", "--method", "bogus", "--model", str(tiny_model_dir), "--output", str(tmp_path / "b")])
     one_line_error(code, capsys.readouterr().err, "allowed: random, first, last")
-    code = main(["-q", "rank", "--method", "delta-norm", "--model", str(tiny_model_dir),
-                 "--output", str(tmp_path / "d")])
+    code = main(
+        ["-q", "rank", "--method", "delta-norm", "--model", str(tiny_model_dir), "--output", str(tmp_path / "d")]
+    )
     one_line_error(code, capsys.readouterr().err, "--adapter")
-    code = main(["-q", "rank", "--method", "grad-norm", "--model", str(tiny_model_dir), "--data",
-                 str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "g")])
+    code = main(
+        [
+            "-q",
+            "rank",
+            "--method",
+            "grad-norm",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(tmp_path / "none.jsonl"),
+            "--output",
+            str(tmp_path / "g"),
+        ]
+    )
     one_line_error(code, capsys.readouterr().err, "not found")
     code = main(["-q", "rank", "--method", "last", "--model", str(tiny_model_dir), "--output", str(out)])
     one_line_error(code, capsys.readouterr().err, "already exists")

@@ -10,8 +10,18 @@ COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # type:
 
 
 def test_every_expected_command_exists() -> None:
-    assert {"identify", "layers", "select", "finetune", "export", "rank", "compare", "evaluate", "report",
-            "env"} <= set(COMMANDS)
+    assert {
+        "identify",
+        "layers",
+        "select",
+        "finetune",
+        "export",
+        "rank",
+        "compare",
+        "evaluate",
+        "report",
+        "env",
+    } <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -57,16 +57,18 @@ def test_jaccard_chance_and_p_value_by_hand() -> None:
     assert overlap_p_value(3, 10, 3) == pytest.approx(1 / 120)
     assert overlap_p_value(0, 10, 3) == pytest.approx(1.0)
     assert chance_jaccard(10, 10) == 1.0  # two sets of everything
-    assert chance_jaccard(4, 3) == pytest.approx(sum(comb(3, i) * comb(1, 3 - i) / 4 * i / (6 - i)
-                                                      for i in (2, 3)))  # overlap is at least 2K - N = 2
+    assert chance_jaccard(4, 3) == pytest.approx(
+        sum(comb(3, i) * comb(1, 3 - i) / 4 * i / (6 - i) for i in (2, 3))
+    )  # overlap is at least 2K - N = 2
     assert expected_core(100, 30, 3) == pytest.approx(2.7)
 
 
 def test_chance_level_and_p_value_match_simulation() -> None:
     n, k, draws = 30, 9, 20000
     rng = np.random.default_rng(0)
-    overlaps = np.array([len(set(rng.choice(n, k, replace=False)) & set(rng.choice(n, k, replace=False)))
-                         for _ in range(draws)])
+    overlaps = np.array(
+        [len(set(rng.choice(n, k, replace=False)) & set(rng.choice(n, k, replace=False))) for _ in range(draws)]
+    )
     jaccards = overlaps / (2 * k - overlaps)
     standard_error = jaccards.std() / np.sqrt(draws)
     assert abs(jaccards.mean() - chance_jaccard(n, k)) < 4 * standard_error
@@ -129,8 +131,15 @@ def test_stable_core_and_pairs() -> None:
 
 
 def llama_with_blocks(n_blocks: int) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=n_blocks,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_blocks,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config)
 
 

@@ -16,8 +16,17 @@ from pathlib import Path
 
 import pytest
 
-OVERRIDES = ["stage1.max_steps=16", "stage1.window=4", "stage1.lr=0.01", "stage1.batch_size=4",
-             "stage2.steps=12", "stage2.batch_size=4", "data.max_length=64", "run.threads=1", "lora.dropout=0"]
+OVERRIDES = [
+    "stage1.max_steps=16",
+    "stage1.window=4",
+    "stage1.lr=0.01",
+    "stage1.batch_size=4",
+    "stage2.steps=12",
+    "stage2.batch_size=4",
+    "data.max_length=64",
+    "run.threads=1",
+    "lora.dropout=0",
+]
 TOLERANCE = 1e-4  # max |score difference| allowed between the single- and two-process rankings
 
 
@@ -29,13 +38,26 @@ def _scores(run: Path) -> dict[str, float]:
 def test_two_processes_match_one(tiny_model_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = ["-m", "ila", "-q", "identify", "--model", str(tiny_model_dir), "--data", str(tiny_data), *OVERRIDES]
-    single = subprocess.run([sys.executable, *args, "--output", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True)
+    single = subprocess.run(
+        [sys.executable, *args, "--output", str(tmp_path / "one")], env=env, capture_output=True, text=True
+    )
     assert single.returncode == 0, single.stderr[-2000:]
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
-    double = subprocess.run([*launch, *args, "--output", str(tmp_path / "two")], env=env, capture_output=True,
-                            text=True)
+    launch = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    double = subprocess.run(
+        [*launch, *args, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True
+    )
     assert double.returncode == 0, double.stderr[-2000:]
     one, two = _scores(tmp_path / "one"), _scores(tmp_path / "two")
     assert sorted(one, key=lambda n: -one[n]) == sorted(two, key=lambda n: -two[n])

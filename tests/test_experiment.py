@@ -25,11 +25,23 @@ def write_grid(folder: Path, model_dir: Path, data_a: Path) -> Path:
         "methods": ["ila", "random", "last"],
         "k_percents": [25, 50],
         "threads": 1,
-        "identify": {"stage1.max_steps": 4, "stage1.window": 2, "stage1.batch_size": 4, "stage1.lr": "1e-2",
-                     "stage1.stop_rule": "steps", "stage2": {"steps": 2, "batch_size": 4},
-                     "data.max_length": 48, "run.checkpoint_every": 0},
-        "finetune": {"steps": 2, "rules": ["top", "all"], "fractions": [0.3], "methods": ["ila"],
-                     "overrides": {"finetune.eval_every": 1, "finetune.warmup_steps": 0}},
+        "identify": {
+            "stage1.max_steps": 4,
+            "stage1.window": 2,
+            "stage1.batch_size": 4,
+            "stage1.lr": "1e-2",
+            "stage1.stop_rule": "steps",
+            "stage2": {"steps": 2, "batch_size": 4},
+            "data.max_length": 48,
+            "run.checkpoint_every": 0,
+        },
+        "finetune": {
+            "steps": 2,
+            "rules": ["top", "all"],
+            "fractions": [0.3],
+            "methods": ["ila"],
+            "overrides": {"finetune.eval_every": 1, "finetune.warmup_steps": 0},
+        },
     }
     path = folder / "grid.yaml"
     path.write_text(yaml.safe_dump(grid), encoding="utf-8")
@@ -43,8 +55,12 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     import ila.finetune
 
     calls = {"identify": 0, "milestone": 0, "rank": 0, "finetune": 0}
-    for module, name, key in ((ila.identify, "run_identify", "identify"), (ila.identify, "run_milestone", "milestone"),
-                              (ila.baselines, "run_rank", "rank"), (ila.finetune, "run_finetune", "finetune")):
+    for module, name, key in (
+        (ila.identify, "run_identify", "identify"),
+        (ila.identify, "run_milestone", "milestone"),
+        (ila.baselines, "run_rank", "rank"),
+        (ila.finetune, "run_finetune", "finetune"),
+    ):
         original = getattr(module, name)
 
         def spy(*args, _original=original, _key=key, **kwargs):  # type: ignore[no-untyped-def]
@@ -55,8 +71,9 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return calls
 
 
-def test_tiny_grid_end_to_end_rerun_and_resume(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path,
-                                               counted: dict[str, int]) -> None:
+def test_tiny_grid_end_to_end_rerun_and_resume(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, counted: dict[str, int]
+) -> None:
     cfg = load_experiment(write_grid(tmp_path, tiny_model_dir, tiny_data))
     assert dict(cfg.datasets)["b"] == str((tmp_path / "b.jsonl").resolve())
     root = tmp_path / "exp"
@@ -65,8 +82,16 @@ def test_tiny_grid_end_to_end_rerun_and_resume(tmp_path: Path, tiny_model_dir: P
     assert counted == {"identify": 4, "milestone": 4, "rank": 3, "finetune": 2}
     assert not result.missing
     report = (root / "report.md").read_text(encoding="utf-8")
-    for heading in ("## ila", "## random", "## last", "### Across data sets", "### Across seeds",
-                    "### Milestone vs final", "## Fine-tuning", "### Ablation: selected fraction"):
+    for heading in (
+        "## ila",
+        "## random",
+        "## last",
+        "### Across data sets",
+        "### Across seeds",
+        "### Milestone vs final",
+        "## Fine-tuning",
+        "### Ablation: selected fraction",
+    ):
         assert heading in report
     assert "| seed 0 | a vs b |" in report and "| a | seed 0 vs seed 1 |" in report
     assert "| a seed 0 | 50% vs final |" in report and "chance level" in report
@@ -85,11 +110,15 @@ def test_tiny_grid_end_to_end_rerun_and_resume(tmp_path: Path, tiny_model_dir: P
     resumed = run_experiment(cfg, root)
     assert {k: counted[k] - before[k] for k in counted} == {"identify": 1, "milestone": 1, "rank": 0, "finetune": 1}
     assert sorted(Path(p).relative_to(root).as_posix() for p in resumed.computed) == [
-        "finetune/all", "identify/b-seed1", "identify/b-seed1/milestone-50"]
+        "finetune/all",
+        "identify/b-seed1",
+        "identify/b-seed1/milestone-50",
+    ]
 
 
-def test_unit_that_fails_once_is_redone_alone(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path,
-                                             counted: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unit_that_fails_once_is_redone_alone(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, counted: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
     raw.update(seeds=[0], methods=["ila"], milestones=[100])
     del raw["finetune"]
@@ -107,6 +136,7 @@ def test_unit_that_fails_once_is_redone_alone(tmp_path: Path, tiny_model_dir: Pa
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "exp")
     assert counted["identify"] == 1
+
     def ila_error_on_b(icfg, *args, **kwargs):  # type: ignore[no-untyped-def]
         if str(icfg.run.output).endswith("b-seed0"):
             raise IlaError("loss is not finite")
@@ -123,14 +153,18 @@ def test_unit_that_fails_once_is_redone_alone(tmp_path: Path, tiny_model_dir: Pa
     assert "| seed 0 | a vs b |" in (tmp_path / "exp" / "report.md").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    ({"sedes": [0]}, "unknown config key 'sedes'"),
-    ({"finetune": {"stpes": 2}}, "unknown config key 'finetune.stpes'"),
-    ({"identify": {"stage1.max_stpes": 2}}, "unknown config key 'stage1.max_stpes'"),
-    ({"methods": ["ila", "magic"]}, "unknown method 'magic'"),
-])
-def test_bad_config_is_one_line_error(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path,
-                                      edit: dict, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"sedes": [0]}, "unknown config key 'sedes'"),
+        ({"finetune": {"stpes": 2}}, "unknown config key 'finetune.stpes'"),
+        ({"identify": {"stage1.max_stpes": 2}}, "unknown config key 'stage1.max_stpes'"),
+        ({"methods": ["ila", "magic"]}, "unknown method 'magic'"),
+    ],
+)
+def test_bad_config_is_one_line_error(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, edit: dict, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
     raw.update(edit)
     path = tmp_path / "bad.yaml"

@@ -12,14 +12,34 @@ from pathlib import Path
 
 import pytest
 
-OVERRIDES = ["stage1.max_steps=80", "stage1.window=8", "stage1.lr=0.01", "stage1.batch_size=4",
-             "stage2.steps=60", "stage2.batch_size=4", "data.max_length=64", "run.threads=1",
-             "run.checkpoint_every=5"]
+OVERRIDES = [
+    "stage1.max_steps=80",
+    "stage1.window=8",
+    "stage1.lr=0.01",
+    "stage1.batch_size=4",
+    "stage2.steps=60",
+    "stage2.batch_size=4",
+    "data.max_length=64",
+    "run.threads=1",
+    "run.checkpoint_every=5",
+]
 
 
 def _cmd(model: Path, data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "ila", "-q", "identify", "--model", str(model), "--data", str(data),
-            "--output", str(out), *OVERRIDES]
+    return [
+        sys.executable,
+        "-m",
+        "ila",
+        "-q",
+        "identify",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        *OVERRIDES,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -52,19 +72,25 @@ def _kill_when(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) 
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_kill_9_then_resume_gives_the_uninterrupted_ranking(stage: str, reference: Path, tiny_model_dir: Path,
-                                                             tiny_data: Path, tmp_path: Path) -> None:
+def test_kill_9_then_resume_gives_the_uninterrupted_ranking(
+    stage: str, reference: Path, tiny_model_dir: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(tiny_model_dir, tiny_data, out), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(tiny_model_dir, tiny_data, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     _kill_when(out / stage / "checkpoint.pt", proc)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "ranking.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running"
 
-    resumed = subprocess.run([sys.executable, "-m", "ila", "-q", "identify", "--resume", str(out)], env=_env(),
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "ila", "-q", "identify", "--resume", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "manifest.json").read_text())["resumed"] == 1
     got, want = _ranking(out), _ranking(reference)
@@ -74,14 +100,17 @@ def test_kill_9_then_resume_gives_the_uninterrupted_ranking(stage: str, referenc
 
 
 def test_resume_of_a_complete_run_is_refused(reference: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ila", "-q", "identify", "--resume", str(reference)], env=_env(),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ila", "-q", "identify", "--resume", str(reference)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "already complete" in proc.stderr
 
 
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
     import torch

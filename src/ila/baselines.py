@@ -60,8 +60,9 @@ class BaselineSettings:
 
     def __post_init__(self) -> None:
         if self.grad_batches < 1 or self.batch_size < 1:
-            raise IlaError(f"grad-norm needs batches >= 1 and batch size >= 1 (got {self.grad_batches}, "
-                           f"{self.batch_size})")
+            raise IlaError(
+                f"grad-norm needs batches >= 1 and batch size >= 1 (got {self.grad_batches}, {self.batch_size})"
+            )
 
 
 # ------------------------------------------------------------------------------------ data-free, no weights
@@ -116,8 +117,9 @@ def resolve_adapter_dir(path: str | Path) -> Path:
             return candidate
     if not folder.exists():
         raise IlaError(f"adapter not found: {path}")
-    raise IlaError(f"{path} is not a PEFT adapter folder (no adapter_config.json) nor an identify run folder "
-                   "(no stage1/adapter)")
+    raise IlaError(
+        f"{path} is not a PEFT adapter folder (no adapter_config.json) nor an identify run folder (no stage1/adapter)"
+    )
 
 
 def delta_norm_scores(peft_model: nn.Module, layers: Sequence[Layer], normalize: bool = True) -> list[float]:
@@ -127,8 +129,13 @@ def delta_norm_scores(peft_model: nn.Module, layers: Sequence[Layer], normalize:
     places (docs/method.md §6). Layers without an adapter score 0 (their update is zero).
     """
     adapted = [layer for layer in layers if has_lora(peft_model, layer)]
-    norms = dict(zip((layer.name for layer in adapted),
-                     (math.sqrt(sq) for sq in update_sq_norms(lora_factors(peft_model, adapted))), strict=True))
+    norms = dict(
+        zip(
+            (layer.name for layer in adapted),
+            (math.sqrt(sq) for sq in update_sq_norms(lora_factors(peft_model, adapted))),
+            strict=True,
+        )
+    )
     scores = []
     for layer in layers:
         norm = norms.get(layer.name, 0.0)
@@ -136,8 +143,7 @@ def delta_norm_scores(peft_model: nn.Module, layers: Sequence[Layer], normalize:
     return scores
 
 
-def rank_delta_norm(model: nn.Module, layers: Sequence[Layer], adapter: str | Path,
-                    normalize: bool = True) -> Ranking:
+def rank_delta_norm(model: nn.Module, layers: Sequence[Layer], adapter: str | Path, normalize: bool = True) -> Ranking:
     """Rank by the size of each layer's Stage-1 LoRA update, read from a saved PEFT adapter.
 
     The adapter is loaded onto `model` and taken off again afterwards, so `model` is left as it was.
@@ -152,8 +158,10 @@ def rank_delta_norm(model: nn.Module, layers: Sequence[Layer], adapter: str | Pa
         try:
             adapted = sum(has_lora(peft_model, layer) for layer in layers)
             if adapted == 0:
-                raise IlaError(f"the adapter {folder} adapts none of this model's {len(layers)} layers; was it "
-                               "trained on another model?")
+                raise IlaError(
+                    f"the adapter {folder} adapts none of this model's {len(layers)} layers; was it "
+                    "trained on another model?"
+                )
             scores = delta_norm_scores(peft_model, layers, normalize)
         finally:
             remove_lora(peft_model)
@@ -166,8 +174,14 @@ def rank_delta_norm(model: nn.Module, layers: Sequence[Layer], adapter: str | Pa
 # ----------------------------------------------------------------------------------------- grad-norm
 
 
-def grad_norm_scores(model: nn.Module, layers: Sequence[Layer], examples: list[Example], pad_id: int,
-                     settings: BaselineSettings, device: torch.device | None = None) -> list[float]:
+def grad_norm_scores(
+    model: nn.Module,
+    layers: Sequence[Layer],
+    examples: list[Example],
+    pad_id: int,
+    settings: BaselineSettings,
+    device: torch.device | None = None,
+) -> list[float]:
     """Mean over `settings.grad_batches` batches of ‖∂L/∂B_i‖_F for a fresh LoRA adapter; no optimizer step.
 
     Why B: PEFT starts LoRA with B = 0, so ∂L/∂A = s·Bᵀ·∂L/∂W is exactly zero, while ∂L/∂B = s·(∂L/∂W)·Aᵀ is the
@@ -195,8 +209,10 @@ def grad_norm_scores(model: nn.Module, layers: Sequence[Layer], examples: list[E
                 batch = next(batches).to(device)
                 loss = sft_loss(peft_model, batch)
                 if not torch.isfinite(loss):
-                    raise IlaError(f"grad-norm: non-finite loss ({float(loss)}) on batch {index + 1}; check the "
-                                   "model weights and the data")
+                    raise IlaError(
+                        f"grad-norm: non-finite loss ({float(loss)}) on batch {index + 1}; check the "
+                        "model weights and the data"
+                    )
                 grads = torch.autograd.grad(loss, b_factors)
                 for i, grad in enumerate(grads):
                     totals[i] += float(grad.detach().double().norm())
@@ -208,12 +224,23 @@ def grad_norm_scores(model: nn.Module, layers: Sequence[Layer], examples: list[E
     return scores
 
 
-def rank_grad_norm(model: nn.Module, layers: Sequence[Layer], examples: list[Example], pad_id: int,
-                   settings: BaselineSettings | None = None) -> Ranking:
+def rank_grad_norm(
+    model: nn.Module,
+    layers: Sequence[Layer],
+    examples: list[Example],
+    pad_id: int,
+    settings: BaselineSettings | None = None,
+) -> Ranking:
     settings = settings or BaselineSettings()
     scores = grad_norm_scores(model, layers, examples, pad_id, settings)
-    info = {"seed": settings.seed, "normalize": settings.normalize, "grad_batches": settings.grad_batches,
-            "batch_size": settings.batch_size, "lora_r": settings.lora.r, "lora_alpha": settings.lora.alpha}
+    info = {
+        "seed": settings.seed,
+        "normalize": settings.normalize,
+        "grad_batches": settings.grad_batches,
+        "batch_size": settings.batch_size,
+        "lora_r": settings.lora.r,
+        "lora_alpha": settings.lora.alpha,
+    }
     return rank_layers(layers, scores, "grad-norm", info=info)
 
 
@@ -300,8 +327,9 @@ def spectrum_score(weight: torch.Tensor, divide_by_max: bool = False) -> Spectru
     signal = float(values[above].sum())
     noise = max(float(values[~above].sum()), top * big * torch.finfo(torch.float32).eps)
     ratio = signal / noise
-    return SpectrumScore(ratio / top if divide_by_max else ratio, signal, noise, threshold, sigma, top,
-                         int(above.sum()))
+    return SpectrumScore(
+        ratio / top if divide_by_max else ratio, signal, noise, threshold, sigma, top, int(above.sum())
+    )
 
 
 def rank_snr(model: nn.Module, layers: Sequence[Layer], divide_by_max: bool = False) -> Ranking:
@@ -310,8 +338,11 @@ def rank_snr(model: nn.Module, layers: Sequence[Layer], divide_by_max: bool = Fa
     with torch.no_grad():
         for layer in layers:
             scores.append(spectrum_score(weight_matrix(model, layer), divide_by_max).snr)
-    info = {"divide_by_max": divide_by_max, "sigma_estimate": "median singular value (Gavish-Donoho)",
-            "threshold": "Marchenko-Pastur bulk edge sigma*(sqrt(m)+sqrt(n))"}
+    info = {
+        "divide_by_max": divide_by_max,
+        "sigma_estimate": "median singular value (Gavish-Donoho)",
+        "threshold": "Marchenko-Pastur bulk edge sigma*(sqrt(m)+sqrt(n))",
+    }
     return rank_layers(layers, scores, "snr", info=info)
 
 
@@ -324,9 +355,16 @@ def check_method(method: str) -> str:
     return method
 
 
-def rank_with(method: str, layers: Sequence[Layer], model: nn.Module | None = None, *,
-              adapter: str | Path | None = None, examples: list[Example] | None = None, pad_id: int = 0,
-              settings: BaselineSettings | None = None) -> Ranking:
+def rank_with(
+    method: str,
+    layers: Sequence[Layer],
+    model: nn.Module | None = None,
+    *,
+    adapter: str | Path | None = None,
+    examples: list[Example] | None = None,
+    pad_id: int = 0,
+    settings: BaselineSettings | None = None,
+) -> Ranking:
     """Run one baseline method. `model` is needed by delta-norm, grad-norm and snr; `adapter` by delta-norm;
     `examples` (and the tokenizer's `pad_id`) by grad-norm only."""
     check_method(method)
@@ -341,8 +379,9 @@ def rank_with(method: str, layers: Sequence[Layer], model: nn.Module | None = No
         return rank_snr(model, layers, settings.snr_divide_by_max)
     if method == "delta-norm":
         if adapter is None:
-            raise IlaError("method delta-norm needs a Stage-1 adapter: --adapter RUN/stage1/adapter (or the run "
-                           "folder)")
+            raise IlaError(
+                "method delta-norm needs a Stage-1 adapter: --adapter RUN/stage1/adapter (or the run folder)"
+            )
         return rank_delta_norm(model, layers, adapter, settings.normalize)
     if examples is None:
         raise IlaError("method grad-norm needs SFT data (--data)")
@@ -370,10 +409,22 @@ def _adapter_base_model(adapter: str | Path) -> str | None:
     return str(name) if name else None
 
 
-def run_rank(method: str, model_name: str | None = None, *, data: str | None = None, adapter: str | None = None,
-             output: str | None = None, settings: BaselineSettings | None = None, max_length: int = 256,
-             include_lm_head: bool = False, trust_remote_code: bool = False, device: str = "auto",
-             threads: int | None = None, overwrite: bool = False, command: str = "") -> RankResult:
+def run_rank(
+    method: str,
+    model_name: str | None = None,
+    *,
+    data: str | None = None,
+    adapter: str | None = None,
+    output: str | None = None,
+    settings: BaselineSettings | None = None,
+    max_length: int = 256,
+    include_lm_head: bool = False,
+    trust_remote_code: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
+    overwrite: bool = False,
+    command: str = "",
+) -> RankResult:
     """`ila rank`: load what the method needs (data only for grad-norm), rank, write the run folder.
 
     Without `model_name`, delta-norm uses the adapter's base model and every other method the default model.
@@ -400,8 +451,9 @@ def run_rank(method: str, model_name: str | None = None, *, data: str | None = N
         adapter = None
     if method == "delta-norm":
         if adapter is None:
-            raise IlaError("method delta-norm needs a Stage-1 adapter: --adapter RUN/stage1/adapter (or the run "
-                           "folder)")
+            raise IlaError(
+                "method delta-norm needs a Stage-1 adapter: --adapter RUN/stage1/adapter (or the run folder)"
+            )
         resolve_adapter_dir(adapter)
         model_name = model_name or _adapter_base_model(adapter)
     if method in DATA_FREE and data is not None:
@@ -415,14 +467,22 @@ def run_rank(method: str, model_name: str | None = None, *, data: str | None = N
     if method in NEEDS_WEIGHTS:
         loaded = load_model(model_cfg, pick_device(device))
         model = loaded.model
-        model_info = {"source": model_name, "resolved": loaded.resolved_path, "fingerprint": loaded.fingerprint,
-                      "class": type(loaded.model).__name__}
+        model_info = {
+            "source": model_name,
+            "resolved": loaded.resolved_path,
+            "fingerprint": loaded.fingerprint,
+            "class": type(loaded.model).__name__,
+        }
     else:  # the module tree is enough: built on the meta device, no weights read
         loaded = None
         model = load_model_skeleton(model_cfg)
         resolved, is_local = resolve_model_path(model_name)
-        model_info = {"source": model_name, "resolved": resolved, "class": type(model).__name__,
-                      "fingerprint": fingerprint_model_files(Path(resolved)) if is_local else f"hub:{resolved}"}
+        model_info = {
+            "source": model_name,
+            "resolved": resolved,
+            "class": type(model).__name__,
+            "fingerprint": fingerprint_model_files(Path(resolved)) if is_local else f"hub:{resolved}",
+        }
     timings["load model"] = time.perf_counter() - clock
     layers = discover_layers(model, include_lm_head)
     model_info["n_layers"] = len(layers)
@@ -432,17 +492,20 @@ def run_rank(method: str, model_name: str | None = None, *, data: str | None = N
     if method == "grad-norm":
         assert loaded is not None
         clock = time.perf_counter()
-        sft = load_sft_data(DataConfig(path=data or BUNDLED_DATA, max_length=max_length), loaded.tokenizer,
-                            settings.seed)
+        sft = load_sft_data(
+            DataConfig(path=data or BUNDLED_DATA, max_length=max_length), loaded.tokenizer, settings.seed
+        )
         timings["load data"] = time.perf_counter() - clock
         examples, pad_id = sft.train, int(loaded.tokenizer.pad_token_id)
-        data_info = {"source": sft.stats.source, "sha256": sft.stats.fingerprint,
-                     "train_examples": sft.stats.train_examples}
+        data_info = {
+            "source": sft.stats.source,
+            "sha256": sft.stats.fingerprint,
+            "train_examples": sft.stats.train_examples,
+        }
     run_dir = prepare_run_dir(output, f"rank-{method}", overwrite)
     try:
         clock = time.perf_counter()
-        ranking = rank_with(method, layers, model, adapter=adapter, examples=examples, pad_id=pad_id,
-                            settings=settings)
+        ranking = rank_with(method, layers, model, adapter=adapter, examples=examples, pad_id=pad_id, settings=settings)
         timings["rank"] = time.perf_counter() - clock
     except BaseException:
         if run_dir.is_dir() and not any(run_dir.iterdir()):

@@ -44,8 +44,9 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
-        raise IlaError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to restart the stage") \
-            from None
+        raise IlaError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to restart the stage"
+        ) from None
     if not isinstance(state, dict):
         raise IlaError(f"checkpoint {path} is not an ila checkpoint")
     return state

@@ -131,53 +131,83 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ila", description="Find the layers of an LLM that matter for alignment (ILA), "
-                     "then fine-tune only those.")
+    parser = _Parser(
+        prog="ila", description="Find the layers of an LLM that matter for alignment (ILA), then fine-tune only those."
+    )
     parser.add_argument("--version", action="version", version=f"ila {_version()}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    identify = sub.add_parser("identify", help="rank layers by importance (Stage 1 LoRA + Stage 2 mask)",
-                              description="Run ILA: Stage 1 trains LoRA on every linear layer until the update "
-                              "is ε-stable; Stage 2 learns one mask score per layer; writes a ranking, a heatmap, "
-                              "a report and a manifest to a run folder.",
-                              epilog=IDENTIFY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    identify = sub.add_parser(
+        "identify",
+        help="rank layers by importance (Stage 1 LoRA + Stage 2 mask)",
+        description="Run ILA: Stage 1 trains LoRA on every linear layer until the update "
+        "is ε-stable; Stage 2 learns one mask score per layer; writes a ranking, a heatmap, "
+        "a report and a manifest to a run folder.",
+        epilog=IDENTIFY_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     identify.add_argument("--model", help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL})")
-    identify.add_argument("--data", help=f"JSON/JSONL file or hub data set id (default: {BUNDLED_DATA}, ila's own "
-                          "alignment set)")
+    identify.add_argument(
+        "--data", help=f"JSON/JSONL file or hub data set id (default: {BUNDLED_DATA}, ila's own alignment set)"
+    )
     identify.add_argument("--config", help="YAML file with sections model, data, lora, stage1, stage2, run")
     identify.add_argument("--output", help="run folder (default runs/identify-<timestamp>)")
     identify.add_argument("--seed", type=int, help="random seed (run.seed)")
     identify.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
     identify.add_argument("--from-run", help="an earlier identify run folder (with --milestone)")
-    identify.add_argument("--milestone", type=int, help="rank from the Stage-1 checkpoint at this percent of the "
-                          "planned steps, without retraining (needs --from-run)")
-    identify.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its checkpoints "
-                          "(its config.yaml is used; finished stages are not redone)")
+    identify.add_argument(
+        "--milestone",
+        type=int,
+        help="rank from the Stage-1 checkpoint at this percent of the "
+        "planned steps, without retraining (needs --from-run)",
+    )
+    identify.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted run from its checkpoints "
+        "(its config.yaml is used; finished stages are not redone)",
+    )
     identify.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     identify.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
-    layers = sub.add_parser("layers", help="list the layers ila would score, without training",
-                            epilog=LAYERS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    layers = sub.add_parser(
+        "layers",
+        help="list the layers ila would score, without training",
+        epilog=LAYERS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     layers.add_argument("--model", default=DEFAULT_MODEL, help="local model folder, .gguf file, hub id or alias")
     layers.add_argument("--include-lm-head", action="store_true", help="also list the output head")
     layers.add_argument("--names", action="store_true", help="print every layer's full name")
     layers.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
 
-    select = sub.add_parser("select", help="turn a ranking into the layers to fine-tune (top-K, budgets)",
-                            description="Pick layers from a ranking by count, fraction, freeze-bottom fraction, "
-                            "trainable-parameter budget or estimated memory budget; writes selection.json with the "
-                            "chosen layers in model order, their parameter counts and the lowest selected block.",
-                            epilog=SELECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    select = sub.add_parser(
+        "select",
+        help="turn a ranking into the layers to fine-tune (top-K, budgets)",
+        description="Pick layers from a ranking by count, fraction, freeze-bottom fraction, "
+        "trainable-parameter budget or estimated memory budget; writes selection.json with the "
+        "chosen layers in model order, their parameter counts and the lowest selected block.",
+        epilog=SELECT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     select.add_argument("--ranking", required=True, help="ranking.json, or a run folder that holds one")
     rule = select.add_mutually_exclusive_group(required=True)
     rule.add_argument("--top", metavar="K|FRACTION", help="a count (12) or a fraction (0.3) of the best layers")
-    rule.add_argument("--freeze-bottom", type=float, metavar="FRACTION",
-                      help="freeze this fraction of the least important layers (0.25 = keep the top 75%%)")
+    rule.add_argument(
+        "--freeze-bottom",
+        type=float,
+        metavar="FRACTION",
+        help="freeze this fraction of the least important layers (0.25 = keep the top 75%%)",
+    )
     rule.add_argument("--param-budget", metavar="N", help="at most N trainable parameters (2000000, 2e6, 1.5M, 300k)")
     rule.add_argument("--memory-budget", type=float, metavar="GB", help="at most this much estimated training memory")
-    select.add_argument("--method", choices=["lora", "qlora", "full"], default="lora",
-                        help="what a budget counts: LoRA factors r*(in+out) or full weights in*out (default lora)")
+    select.add_argument(
+        "--method",
+        choices=["lora", "qlora", "full"],
+        default="lora",
+        help="what a budget counts: LoRA factors r*(in+out) or full weights in*out (default lora)",
+    )
     select.add_argument("--lora-r", type=int, default=8, help="LoRA rank for parameter counts (default 8)")
     select.add_argument("--batch-size", type=int, default=4, help="memory estimate: sequences per step (default 4)")
     select.add_argument("--max-length", type=int, default=256, help="memory estimate: tokens per sequence (256)")
@@ -186,11 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--output", required=True, help="selection.json to write")
     select.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
-    finetune = sub.add_parser("finetune", help="train only the selected layers (LoRA, AdaLoRA, QLoRA or full)",
-                              description="Restart from the base model and train only the layers of a selection "
-                              "(none: every linear layer, the baseline) with the shared training loop; writes the "
-                              "adapter or the changed weights, loss curves, a manifest and a report to a run folder.",
-                              epilog=FINETUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune = sub.add_parser(
+        "finetune",
+        help="train only the selected layers (LoRA, AdaLoRA, QLoRA or full)",
+        description="Restart from the base model and train only the layers of a selection "
+        "(none: every linear layer, the baseline) with the shared training loop; writes the "
+        "adapter or the changed weights, loss curves, a manifest and a report to a run folder.",
+        epilog=FINETUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     finetune.add_argument("--model", help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL})")
     finetune.add_argument("--data", help=f"JSON/JSONL file or hub data set id (default: {BUNDLED_DATA})")
     finetune.add_argument("--selection", help="selection.json from `ila select` (default: all layers)")
@@ -202,15 +236,26 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     finetune.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
-    export = sub.add_parser("export", help="write a selection as a PEFT/TRL/axolotl/LLaMA-Factory/... config",
-                            description="Write a selection as another trainer's config, verified against the "
-                            "model before anything is written.",
-                            epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export = sub.add_parser(
+        "export",
+        help="write a selection as a PEFT/TRL/axolotl/LLaMA-Factory/... config",
+        description="Write a selection as another trainer's config, verified against the "
+        "model before anything is written.",
+        epilog=EXPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     export.add_argument("--selection", required=True, help="selection.json from `ila select`")
-    export.add_argument("--to", required=True, choices=["peft", "trl", "axolotl", "llama-factory", "ms-swift",
-                                                         "unsloth", "spectrum"], help="the trainer")
-    export.add_argument("--method", choices=["lora", "full"],
-                        help="LoRA on the selection or full fine-tuning of its weights (default: lora; spectrum: full)")
+    export.add_argument(
+        "--to",
+        required=True,
+        choices=["peft", "trl", "axolotl", "llama-factory", "ms-swift", "unsloth", "spectrum"],
+        help="the trainer",
+    )
+    export.add_argument(
+        "--method",
+        choices=["lora", "full"],
+        help="LoRA on the selection or full fine-tuning of its weights (default: lora; spectrum: full)",
+    )
     export.add_argument("--model", help="verify on this model (default: the model the selection names, meta device)")
     export.add_argument("--meta", action="store_true", help="build --model on the meta device instead of loading it")
     export.add_argument("--lora-r", type=int, help="LoRA rank (default: the selection's)")
@@ -220,14 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="the file to write")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
-    rank = sub.add_parser("rank", help="rank layers with a baseline (random, first, last, delta-norm, grad-norm, snr)",
-                          description="Rank layers with a baseline method, in the same ranking format as "
-                          "`ila identify`; writes ranking.json, ranking.csv and manifest.json to a run folder.",
-                          epilog=RANK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    rank.add_argument("--method", required=True,
-                      help="random | first | last | delta-norm | grad-norm | snr")
-    rank.add_argument("--model", help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL}; "
-                      "delta-norm: the adapter's base model)")
+    rank = sub.add_parser(
+        "rank",
+        help="rank layers with a baseline (random, first, last, delta-norm, grad-norm, snr)",
+        description="Rank layers with a baseline method, in the same ranking format as "
+        "`ila identify`; writes ranking.json, ranking.csv and manifest.json to a run folder.",
+        epilog=RANK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rank.add_argument("--method", required=True, help="random | first | last | delta-norm | grad-norm | snr")
+    rank.add_argument(
+        "--model",
+        help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL}; "
+        "delta-norm: the adapter's base model)",
+    )
     rank.add_argument("--data", help=f"grad-norm only: JSON/JSONL file or hub data set id (default {BUNDLED_DATA})")
     rank.add_argument("--adapter", help="delta-norm only: a PEFT adapter folder or an identify run folder")
     rank.add_argument("--seed", type=int, default=0, help="random: the order; grad-norm: LoRA init and batches (0)")
@@ -236,10 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--max-length", type=int, default=256, help="grad-norm: tokens per sequence (default 256)")
     rank.add_argument("--lora-r", type=int, default=8, help="grad-norm: rank of the fresh LoRA adapter (default 8)")
     rank.add_argument("--lora-alpha", type=int, default=16, help="grad-norm: its alpha (default 16)")
-    rank.add_argument("--no-normalize", action="store_true", help="delta-norm, grad-norm: raw Frobenius norms "
-                      "instead of per-entry RMS (bigger matrices then win by size)")
-    rank.add_argument("--snr-spectrum-ratio", action="store_true", help="snr: also divide by the largest singular "
-                      "value, exactly as Spectrum does (not comparable across matrix shapes)")
+    rank.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="delta-norm, grad-norm: raw Frobenius norms instead of per-entry RMS (bigger matrices then win by size)",
+    )
+    rank.add_argument(
+        "--snr-spectrum-ratio",
+        action="store_true",
+        help="snr: also divide by the largest singular "
+        "value, exactly as Spectrum does (not comparable across matrix shapes)",
+    )
     rank.add_argument("--include-lm-head", action="store_true", help="also rank the output head")
     rank.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute (auto)")
     rank.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
@@ -247,29 +305,44 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--output", help="run folder (default runs/rank-<method>-<timestamp>)")
     rank.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
 
-    compare = sub.add_parser("compare", help="compare rankings: top-K Jaccard vs chance, p-values, correlations",
-                             description="Compare two or more rankings (ILA runs, baselines, other models).",
-                             epilog=COMPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare = sub.add_parser(
+        "compare",
+        help="compare rankings: top-K Jaccard vs chance, p-values, correlations",
+        description="Compare two or more rankings (ILA runs, baselines, other models).",
+        epilog=COMPARE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     compare.add_argument("rankings", nargs="+", metavar="RANKING", help="ranking.json files or run folders")
     compare.add_argument("--k", default="10,25,30,50,75", help="top-K sizes in percent of the layers (10,25,30,50,75)")
     compare.add_argument("--heatmap-k", type=float, default=30.0, help="K in percent for overlap.png (default 30)")
     compare.add_argument("--labels", help="comma-separated names for the rankings (default: folder or file names)")
     compare.add_argument("--output", help="folder for the four files (default runs/compare-<timestamp>)")
     compare.add_argument("--overwrite", action="store_true", help="replace compare.* files already in --output")
-    evaluate = sub.add_parser("evaluate", help="held-out loss/perplexity, lm-eval benchmarks, optional judge",
-                              description="Evaluate a model, optionally with an adapter or a finetune run's "
-                              "weights: SFT loss and perplexity on the held-out examples (or all), benchmarks "
-                              "through lm-evaluation-harness from local files or lm-eval task names, and an "
-                              "optional pairwise judge; writes eval.json (and a manifest in a new folder).",
-                              epilog=EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="held-out loss/perplexity, lm-eval benchmarks, optional judge",
+        description="Evaluate a model, optionally with an adapter or a finetune run's "
+        "weights: SFT loss and perplexity on the held-out examples (or all), benchmarks "
+        "through lm-evaluation-harness from local files or lm-eval task names, and an "
+        "optional pairwise judge; writes eval.json (and a manifest in a new folder).",
+        epilog=EVALUATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     evaluate.add_argument("--model", help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL})")
     evaluate.add_argument("--adapter", help="PEFT adapter folder, finetune run folder or selected_weights.safetensors")
     evaluate.add_argument("--data", help=f"JSON/JSONL file or hub data set id (default: {BUNDLED_DATA})")
-    evaluate.add_argument("--from-run", metavar="RUN", help="a finetune run folder: its model, data, seed and "
-                          "adapter; eval.json is written into it unless --output is given")
+    evaluate.add_argument(
+        "--from-run",
+        metavar="RUN",
+        help="a finetune run folder: its model, data, seed and "
+        "adapter; eval.json is written into it unless --output is given",
+    )
     evaluate.add_argument("--split", choices=["heldout", "all"], help="examples to score (default heldout)")
-    evaluate.add_argument("--benchmark", metavar="LIST", help="comma-separated: mmlu, gsm8k (local files) or "
-                          "lm-eval task names (hub:NAME forces lm-eval's own task)")
+    evaluate.add_argument(
+        "--benchmark",
+        metavar="LIST",
+        help="comma-separated: mmlu, gsm8k (local files) or lm-eval task names (hub:NAME forces lm-eval's own task)",
+    )
     evaluate.add_argument("--limit", type=int, help="benchmark rows per task (default: all)")
     evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples per benchmark prompt (default 0)")
     evaluate.add_argument("--gsm8k-path", help="GSM8K test JSONL (default ../shared/data/gsm8k_test.jsonl)")
@@ -279,33 +352,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--judge-url", help="OpenAI-compatible endpoint for the pairwise judge (off by default)")
     evaluate.add_argument("--judge-model", help="the judge model's name at --judge-url")
     evaluate.add_argument("--config", help="YAML file with sections model, data, evaluate, run")
-    evaluate.add_argument("--output", help="output folder (default runs/evaluate-<timestamp>); an existing run "
-                          "folder gets eval.json beside its manifest")
+    evaluate.add_argument(
+        "--output",
+        help="output folder (default runs/evaluate-<timestamp>); an existing run "
+        "folder gets eval.json beside its manifest",
+    )
     evaluate.add_argument("--seed", type=int, help="random seed (run.seed); must match the evaluated run's")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing output")
     evaluate.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
-    report = sub.add_parser("report", help="put run folders side by side (markdown table + plot)",
-                            description="Compare identify, finetune and evaluate run folders: method, selected "
-                            "layers, trainable parameters, median step time, peak memory, held-out loss and "
-                            "benchmark scores; writes report.md, report.csv, report.png and a manifest.",
-                            epilog=REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report = sub.add_parser(
+        "report",
+        help="put run folders side by side (markdown table + plot)",
+        description="Compare identify, finetune and evaluate run folders: method, selected "
+        "layers, trainable parameters, median step time, peak memory, held-out loss and "
+        "benchmark scores; writes report.md, report.csv, report.png and a manifest.",
+        epilog=REPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     report.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
     report.add_argument("--output", help="report folder (default runs/report-<timestamp>)")
     report.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty report folder")
     sub.add_parser("env", help="print versions, threads and accelerator (for bug reports)")
-    experiment = sub.add_parser("experiment", help="run a declared grid of identify/rank/finetune units (resumable)",
-                                description="Run the grid an experiment YAML declares (data sets x seeds x "
-                                "milestones x methods, optional fine-tuning), one folder per unit; complete units "
-                                "are skipped, so an interrupted experiment resumes where it stopped. Writes "
-                                "report.md with overlap tables (chance levels, p-values) and a fine-tuning table.",
-                                epilog="examples:\n  ila experiment experiments/paper_small.yaml --output "
-                                "runs/paper-small\n  ila experiment my_grid.yaml   # again: recomputes nothing "
-                                "that finished", formatter_class=argparse.RawDescriptionHelpFormatter)
+    experiment = sub.add_parser(
+        "experiment",
+        help="run a declared grid of identify/rank/finetune units (resumable)",
+        description="Run the grid an experiment YAML declares (data sets x seeds x "
+        "milestones x methods, optional fine-tuning), one folder per unit; complete units "
+        "are skipped, so an interrupted experiment resumes where it stopped. Writes "
+        "report.md with overlap tables (chance levels, p-values) and a fine-tuning table.",
+        epilog="examples:\n  ila experiment experiments/paper_small.yaml --output "
+        "runs/paper-small\n  ila experiment my_grid.yaml   # again: recomputes nothing "
+        "that finished",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     experiment.add_argument("config", help="experiment YAML (paths in it are relative to its folder)")
-    experiment.add_argument("--output", help="experiment folder (default: the YAML's output, else "
-                            "runs/experiment-<config name>)")
+    experiment.add_argument(
+        "--output", help="experiment folder (default: the YAML's output, else runs/experiment-<config name>)"
+    )
     return parser
 
 
@@ -333,8 +418,9 @@ def _identify(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         if args.model or args.data or args.config or args.overrides or args.output:
-            raise IlaError("--resume RUN continues with the run's own config; drop --model/--data/--config/"
-                           "--output and overrides")
+            raise IlaError(
+                "--resume RUN continues with the run's own config; drop --model/--data/--config/--output and overrides"
+            )
         _print_summary(identify.resume_identify(Path(args.resume)))
         return 0
     extra: dict[str, dict[str, object]] = {}
@@ -371,9 +457,11 @@ def _print_summary(result: object) -> None:
     if result.stage1 is not None and result.stage1.loop.step_seconds:
         s1 = statistics.median(result.stage1.loop.step_seconds)
         s2 = statistics.median(result.stage2.loop.step_seconds)
-        print(f"stage 1: {result.stage1.steps} steps ({result.stage1.stopped_by}), median step {s1:.2f} s, "
-              f"{result.stage1.loop.tokens_per_second:.0f} tokens/s; stage 2 median step {s2:.2f} s "
-              f"(ratio {s2 / s1:.2f})")
+        print(
+            f"stage 1: {result.stage1.steps} steps ({result.stage1.stopped_by}), median step {s1:.2f} s, "
+            f"{result.stage1.loop.tokens_per_second:.0f} tokens/s; stage 2 median step {s2:.2f} s "
+            f"(ratio {s2 / s1:.2f})"
+        )
     print("where the time went: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     print("peak memory: " + ", ".join(f"{k} {v:.2f}" for k, v in result.memory.items()))
     print("top 10 layers:")
@@ -434,9 +522,14 @@ def _finetune(args: argparse.Namespace) -> int:
     from ila.config import FinetuneConfig
 
     extra: dict[str, dict[str, object]] = {}
-    for flag, section, key in (("model", "model", "name"), ("data", "data", "path"), ("output", "run", "output"),
-                               ("seed", "run", "seed"), ("selection", "finetune", "selection"),
-                               ("method", "finetune", "method")):
+    for flag, section, key in (
+        ("model", "model", "name"),
+        ("data", "data", "path"),
+        ("output", "run", "output"),
+        ("seed", "run", "seed"),
+        ("selection", "finetune", "selection"),
+        ("method", "finetune", "method"),
+    ):
         if getattr(args, flag) is not None:
             extra.setdefault(section, {})[key] = getattr(args, flag)
     cfg = load_config(FinetuneConfig, args.config, args.overrides, extra)
@@ -452,22 +545,38 @@ def _finetune(args: argparse.Namespace) -> int:
     result = run_finetune(cfg, overwrite=args.overwrite)
     times = result.loop.step_seconds
     print(f"run folder: {result.run_dir}")
-    print(f"{cfg.finetune.method} on {result.selection.description}: {result.trainable_params:,} trainable "
-          f"parameters; lowest selected block {result.selection.lowest_block}")
-    print(f"held-out loss: base {result.heldout[0]['loss']:.4f} -> {result.heldout[-1]['loss']:.4f} after "
-          f"{result.loop.steps_run} steps")
+    print(
+        f"{cfg.finetune.method} on {result.selection.description}: {result.trainable_params:,} trainable "
+        f"parameters; lowest selected block {result.selection.lowest_block}"
+    )
+    print(
+        f"held-out loss: base {result.heldout[0]['loss']:.4f} -> {result.heldout[-1]['loss']:.4f} after "
+        f"{result.loop.steps_run} steps"
+    )
     if times:
-        print(f"median step {statistics.median(times):.3f} s, {result.loop.tokens_per_second:.0f} tokens/s; peak "
-              "memory " + ", ".join(f"{k} {v:.2f}" for k, v in result.memory.items()))
+        print(
+            f"median step {statistics.median(times):.3f} s, {result.loop.tokens_per_second:.0f} tokens/s; peak "
+            "memory " + ", ".join(f"{k} {v:.2f}" for k, v in result.memory.items())
+        )
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from ila.export import run_export
 
-    result = run_export(args.selection, args.to, args.output, model=args.model, meta=args.meta, method=args.method,
-                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    result = run_export(
+        args.selection,
+        args.to,
+        args.output,
+        model=args.model,
+        meta=args.meta,
+        method=args.method,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(f"{args.output}: {args.to} ({result.method})")
     for check in result.checks:
         print(f"  verified: {check}")
@@ -481,13 +590,28 @@ def _rank(args: argparse.Namespace) -> int:
     from ila.config import LoraSettings
 
     check_method(args.method)
-    settings = BaselineSettings(seed=args.seed, normalize=not args.no_normalize, grad_batches=args.batches,
-                                batch_size=args.batch_size, lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha),
-                                snr_divide_by_max=args.snr_spectrum_ratio)
-    result = run_rank(args.method, args.model, data=args.data, adapter=args.adapter, output=args.output,
-                      settings=settings, max_length=args.max_length, include_lm_head=args.include_lm_head,
-                      trust_remote_code=args.trust_remote_code, device=args.device, threads=args.threads,
-                      overwrite=args.overwrite)
+    settings = BaselineSettings(
+        seed=args.seed,
+        normalize=not args.no_normalize,
+        grad_batches=args.batches,
+        batch_size=args.batch_size,
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha),
+        snr_divide_by_max=args.snr_spectrum_ratio,
+    )
+    result = run_rank(
+        args.method,
+        args.model,
+        data=args.data,
+        adapter=args.adapter,
+        output=args.output,
+        settings=settings,
+        max_length=args.max_length,
+        include_lm_head=args.include_lm_head,
+        trust_remote_code=args.trust_remote_code,
+        device=args.device,
+        threads=args.threads,
+        overwrite=args.overwrite,
+    )
     print(f"run folder: {result.run_dir}")
     print(f"{args.method}: {len(result.ranking.layers)} layers ranked in {result.timings['total']:.1f} s; top 10:")
     for entry in result.ranking.layers[:10]:
@@ -516,13 +640,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ila.evaluation import evaluate_config, run_evaluate
 
     extra: dict[str, dict[str, object]] = {}
-    for flag, section, key in (("model", "model", "name"), ("data", "data", "path"), ("output", "run", "output"),
-                               ("seed", "run", "seed"), ("adapter", "evaluate", "adapter"),
-                               ("split", "evaluate", "split"), ("limit", "evaluate", "limit"),
-                               ("num_fewshot", "evaluate", "num_fewshot"), ("gsm8k_path", "evaluate", "gsm8k_path"),
-                               ("mmlu_path", "evaluate", "mmlu_path"),
-                               ("compare_adapter", "evaluate", "compare_adapter"),
-                               ("judge_url", "evaluate", "judge_url"), ("judge_model", "evaluate", "judge_model")):
+    for flag, section, key in (
+        ("model", "model", "name"),
+        ("data", "data", "path"),
+        ("output", "run", "output"),
+        ("seed", "run", "seed"),
+        ("adapter", "evaluate", "adapter"),
+        ("split", "evaluate", "split"),
+        ("limit", "evaluate", "limit"),
+        ("num_fewshot", "evaluate", "num_fewshot"),
+        ("gsm8k_path", "evaluate", "gsm8k_path"),
+        ("mmlu_path", "evaluate", "mmlu_path"),
+        ("compare_adapter", "evaluate", "compare_adapter"),
+        ("judge_url", "evaluate", "judge_url"),
+        ("judge_model", "evaluate", "judge_model"),
+    ):
         if getattr(args, flag) is not None:
             extra.setdefault(section, {})[key] = getattr(args, flag)
     if args.benchmark is not None:
@@ -541,16 +673,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = run_evaluate(cfg, overwrite=args.overwrite)
     sft = result.sft
     print(f"output folder: {result.run_dir}")
-    print(f"SFT loss ({sft.split}: {sft.examples} examples, {sft.target_tokens:,} answer tokens): {sft.loss:.4f}, "
-          f"perplexity {sft.perplexity:.3f}")
+    print(
+        f"SFT loss ({sft.split}: {sft.examples} examples, {sft.target_tokens:,} answer tokens): {sft.loss:.4f}, "
+        f"perplexity {sft.perplexity:.3f}"
+    )
     for name, bench in result.benchmarks.items():
         score = "-" if bench["score"] is None else f"{bench['score']:.4f}"
         print(f"{name}: {bench['metric']} {score} (n={bench['n']})")
     if result.judge is not None:
         judge = result.judge
         rate = "-" if judge["win_rate"] is None else f"{judge['win_rate']:.3f}"
-        print(f"judge {judge['judge_model']}: win rate of {judge['model_a']} over {judge['model_b']} {rate} "
-              f"({judge['wins']} wins, {judge['losses']} losses, {judge['ties']} ties, {judge['unparsed']} unparsed)")
+        print(
+            f"judge {judge['judge_model']}: win rate of {judge['model_a']} over {judge['model_b']} {rate} "
+            f"({judge['wins']} wins, {judge['losses']} losses, {judge['ties']} ties, {judge['unparsed']} unparsed)"
+        )
     return 0
 
 
@@ -572,8 +708,10 @@ def _experiment(args: argparse.Namespace) -> int:
     output = args.output or cfg.output or str(Path("runs") / f"experiment-{Path(args.config).stem}")
     result = run_experiment(cfg, output)
     print(f"experiment folder: {result.root}")
-    print(f"units computed: {len(result.computed)}, already complete: {len(result.skipped)}, "
-          f"missing: {len(result.missing)}")
+    print(
+        f"units computed: {len(result.computed)}, already complete: {len(result.skipped)}, "
+        f"missing: {len(result.missing)}"
+    )
     for item in result.missing:
         print(f"  missing: {item}")
     print(f"report: {result.report}")
@@ -603,9 +741,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     _configure_logging(args.quiet)
-    handlers = {"env": _env, "identify": _identify, "layers": _layers, "select": _select, "finetune": _finetune,
-                "export": _export, "rank": _rank, "compare": _compare,
-                "evaluate": _evaluate, "report": _report, "experiment": _experiment}
+    handlers = {
+        "env": _env,
+        "identify": _identify,
+        "layers": _layers,
+        "select": _select,
+        "finetune": _finetune,
+        "export": _export,
+        "rank": _rank,
+        "compare": _compare,
+        "evaluate": _evaluate,
+        "report": _report,
+        "experiment": _experiment,
+    }
     try:
         return handlers[args.command](args)
     except IlaError as err:
@@ -621,9 +769,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, RuntimeError) and not _is_out_of_memory(err):
             raise
         where = "GPU" if "CUDA" in str(err) else "CPU"
-        sys.stderr.write(f"ila: error: out of {where} memory; lower the batch size (stage1.batch_size, "
-                         "stage2.batch_size, finetune.batch_size) or data.max_length"
-                         + (", or use bf16 / gradient checkpointing on the GPU" if where == "GPU" else "") + "\n")
+        sys.stderr.write(
+            f"ila: error: out of {where} memory; lower the batch size (stage1.batch_size, "
+            "stage2.batch_size, finetune.batch_size) or data.max_length"
+            + (", or use bf16 / gradient checkpointing on the GPU" if where == "GPU" else "")
+            + "\n"
+        )
         return EXIT_USER_ERROR
 
 
@@ -639,8 +790,12 @@ def _env(_args: argparse.Namespace) -> int:
     from ila.model_loading import cache_root
     from ila.run_folder import hardware, package_versions
 
-    for key, value in {**package_versions(), **hardware(), "cuda_available": torch.cuda.is_available(),
-                       "ila_cache": str(cache_root())}.items():
+    for key, value in {
+        **package_versions(),
+        **hardware(),
+        "cuda_available": torch.cuda.is_available(),
+        "ila_cache": str(cache_root()),
+    }.items():
         print(f"{key}: {value}")
     return 0
 

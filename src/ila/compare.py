@@ -149,9 +149,11 @@ def align(rankings: Sequence[Ranking], labels: Sequence[str]) -> AlignedRankings
     keys = [type_keys(r) for r in rankings]
     common = set.intersection(*(set(k.values()) for k in keys))
     if not common:
-        raise IlaError("the rankings share no module type, so their layers cannot be mapped onto each other ("
-                       + "; ".join(f"{label}: {', '.join(sorted(set(k.values())))}"
-                                   for label, k in zip(labels, keys, strict=True)) + ")")
+        raise IlaError(
+            "the rankings share no module type, so their layers cannot be mapped onto each other ("
+            + "; ".join(f"{label}: {', '.join(sorted(set(k.values())))}" for label, k in zip(labels, keys, strict=True))
+            + ")"
+        )
     ref = min(range(len(rankings)), key=lambda i: rankings[i].n_blocks)
     notes = []
     dropped = sorted(set.union(*(set(k.values()) for k in keys)) - common)
@@ -236,38 +238,71 @@ class Comparison:
     heatmap: dict[str, Any]  # percent, k, labels, jaccard matrix
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rankings": self.rankings, "n_layers": self.n_layers, "mapping": self.mapping,
-                "reference": self.reference, "notes": self.notes, "k": [asdict(level) for level in self.levels],
-                "correlations": [asdict(c) for c in self.correlations], "overlap_matrix": self.heatmap}
+        return {
+            "rankings": self.rankings,
+            "n_layers": self.n_layers,
+            "mapping": self.mapping,
+            "reference": self.reference,
+            "notes": self.notes,
+            "k": [asdict(level) for level in self.levels],
+            "correlations": [asdict(c) for c in self.correlations],
+            "overlap_matrix": self.heatmap,
+        }
 
     def markdown(self) -> str:
-        lines = ["# Ranking comparison", "", "| label | method | model | layers | blocks | source |",
-                 "|---|---|---|---|---|---|"]
+        lines = [
+            "# Ranking comparison",
+            "",
+            "| label | method | model | layers | blocks | source |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in self.rankings:
-            lines.append(f"| {r['label']} | {r['method']} | {r['model'] or '-'} | {r['n_layers']} | {r['n_blocks']} "
-                         f"| {r['source'] or '-'} |")
-        lines += ["", f"{self.n_layers} layers compared; layers matched by {self.mapping}"
-                  + (f" (reference: {self.reference})" if self.mapping == MAPPING_TYPE_DEPTH else "") + "."]
+            lines.append(
+                f"| {r['label']} | {r['method']} | {r['model'] or '-'} | {r['n_layers']} | {r['n_blocks']} "
+                f"| {r['source'] or '-'} |"
+            )
+        lines += [
+            "",
+            f"{self.n_layers} layers compared; layers matched by {self.mapping}"
+            + (f" (reference: {self.reference})" if self.mapping == MAPPING_TYPE_DEPTH else "")
+            + ".",
+        ]
         lines += [f"Note: {note}." for note in self.notes]
         head = " | ".join(f"top {lv.percent:g}% (K={lv.k})" for lv in self.levels)
-        lines += ["", "## Top-K overlap", "",
-                  "Jaccard of the top-K sets; p: one-sided hypergeometric test of the overlap against two random "
-                  "K-sets.", "", f"| pair | {head} |", "|---" * (len(self.levels) + 1) + "|"]
+        lines += [
+            "",
+            "## Top-K overlap",
+            "",
+            "Jaccard of the top-K sets; p: one-sided hypergeometric test of the overlap against two random K-sets.",
+            "",
+            f"| pair | {head} |",
+            "|---" * (len(self.levels) + 1) + "|",
+        ]
         for index, pair in enumerate(self.levels[0].pairs if self.levels else []):
             cells = [f"{lv.pairs[index].jaccard:.3f} (p={lv.pairs[index].p_value:.2g})" for lv in self.levels]
             lines.append(f"| {pair.a} vs {pair.b} | " + " | ".join(cells) + " |")
         lines.append("| chance level | " + " | ".join(f"{lv.chance_jaccard:.3f}" for lv in self.levels) + " |")
         lines += ["", "## Rank correlation of the full rankings", "", "| pair | Spearman | Kendall |", "|---|---|---|"]
         for c in self.correlations:
-            lines.append(f"| {c.a} vs {c.b} | {c.spearman:.3f} (p={c.spearman_p:.2g}) | "
-                         f"{c.kendall:.3f} (p={c.kendall_p:.2g}) |")
-        lines += ["", "## Stable core", "", "Layers in the top-K of every ranking (names of the reference).", "",
-                  "| K | size | expected by chance | layers |", "|---|---|---|---|"]
+            lines.append(
+                f"| {c.a} vs {c.b} | {c.spearman:.3f} (p={c.spearman_p:.2g}) | {c.kendall:.3f} (p={c.kendall_p:.2g}) |"
+            )
+        lines += [
+            "",
+            "## Stable core",
+            "",
+            "Layers in the top-K of every ranking (names of the reference).",
+            "",
+            "| K | size | expected by chance | layers |",
+            "|---|---|---|---|",
+        ]
         for lv in self.levels:
-            shown = ", ".join(lv.stable_core[:12]) + (f" ... (+{len(lv.stable_core) - 12})"
-                                                     if len(lv.stable_core) > 12 else "")
-            lines.append(f"| {lv.percent:g}% ({lv.k}) | {len(lv.stable_core)} | {lv.expected_core:.1f} | "
-                         f"{shown or '-'} |")
+            shown = ", ".join(lv.stable_core[:12]) + (
+                f" ... (+{len(lv.stable_core) - 12})" if len(lv.stable_core) > 12 else ""
+            )
+            lines.append(
+                f"| {lv.percent:g}% ({lv.k}) | {len(lv.stable_core)} | {lv.expected_core:.1f} | {shown or '-'} |"
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -276,10 +311,13 @@ def _jaccard_matrix(aligned: AlignedRankings, k: int) -> list[list[float]]:
     return [[jaccard(a, b) for b in tops] for a in tops]
 
 
-def compare_rankings(rankings: Sequence[Ranking], labels: Sequence[str] | None = None,
-                     k_percents: Sequence[float] = DEFAULT_K_PERCENTS,
-                     heatmap_percent: float = DEFAULT_HEATMAP_PERCENT,
-                     sources: Sequence[str | None] | None = None) -> Comparison:
+def compare_rankings(
+    rankings: Sequence[Ranking],
+    labels: Sequence[str] | None = None,
+    k_percents: Sequence[float] = DEFAULT_K_PERCENTS,
+    heatmap_percent: float = DEFAULT_HEATMAP_PERCENT,
+    sources: Sequence[str | None] | None = None,
+) -> Comparison:
     """Compare two or more rankings at each K (percent of the compared layers) and over the full order."""
     if len(rankings) < 2:
         raise IlaError(f"compare needs at least 2 rankings, got {len(rankings)}")
@@ -295,22 +333,51 @@ def compare_rankings(rankings: Sequence[Ranking], labels: Sequence[str] | None =
     for percent in k_percents:
         k = k_for_percent(percent, n)
         tops = [aligned.top(i, k) for i in range(m)]
-        overlaps = [PairOverlap(labels[i], labels[j], len(tops[i] & tops[j]), jaccard(tops[i], tops[j]),
-                                overlap_p_value(len(tops[i] & tops[j]), n, k)) for i, j in pairs]
+        overlaps = [
+            PairOverlap(
+                labels[i],
+                labels[j],
+                len(tops[i] & tops[j]),
+                jaccard(tops[i], tops[j]),
+                overlap_p_value(len(tops[i] & tops[j]), n, k),
+            )
+            for i, j in pairs
+        ]
         core = frozenset.intersection(*tops)
-        levels.append(KLevel(float(percent), k, chance_jaccard(n, k), overlaps,
-                             [name for name in aligned.names if name in core], expected_core(n, k, m)))
-    correlations = [PairCorrelation(labels[i], labels[j], **rank_correlations(aligned.positions[i],
-                                                                              aligned.positions[j]))
-                    for i, j in pairs]
+        levels.append(
+            KLevel(
+                float(percent),
+                k,
+                chance_jaccard(n, k),
+                overlaps,
+                [name for name in aligned.names if name in core],
+                expected_core(n, k, m),
+            )
+        )
+    correlations = [
+        PairCorrelation(labels[i], labels[j], **rank_correlations(aligned.positions[i], aligned.positions[j]))
+        for i, j in pairs
+    ]
     heat_k = k_for_percent(heatmap_percent, n)
-    heatmap = {"percent": float(heatmap_percent), "k": heat_k, "chance_jaccard": chance_jaccard(n, heat_k),
-               "labels": labels, "jaccard": _jaccard_matrix(aligned, heat_k)}
-    described = [{"label": label, "method": r.method, "model": r.info.get("model"), "n_layers": len(r.layers),
-                  "n_blocks": r.n_blocks, "source": (sources[i] if sources else None)}
-                 for i, (label, r) in enumerate(zip(labels, rankings, strict=True))]
-    return Comparison(described, n, aligned.mapping, aligned.reference, aligned.notes, levels, correlations,
-                      heatmap)
+    heatmap = {
+        "percent": float(heatmap_percent),
+        "k": heat_k,
+        "chance_jaccard": chance_jaccard(n, heat_k),
+        "labels": labels,
+        "jaccard": _jaccard_matrix(aligned, heat_k),
+    }
+    described = [
+        {
+            "label": label,
+            "method": r.method,
+            "model": r.info.get("model"),
+            "n_layers": len(r.layers),
+            "n_blocks": r.n_blocks,
+            "source": (sources[i] if sources else None),
+        }
+        for i, (label, r) in enumerate(zip(labels, rankings, strict=True))
+    ]
+    return Comparison(described, n, aligned.mapping, aligned.reference, aligned.notes, levels, correlations, heatmap)
 
 
 def unique_labels(labels: list[str]) -> list[str]:
@@ -360,8 +427,9 @@ def plot_overlap(comparison: Comparison, path: Path) -> None:
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                    color="black" if value > 0.6 else "white")
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="black" if value > 0.6 else "white"
+            )
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     fig.colorbar(image, ax=ax, label="Jaccard")
@@ -394,7 +462,9 @@ def plot_profiles(rankings: Sequence[Ranking], labels: Sequence[str], path: Path
             n = len(ranking.layers)
             points = sorted(
                 (e.block / max(ranking.n_blocks - 1, 1), 1.0 - (e.rank - 1) / max(n - 1, 1))
-                for e in ranking.layers if e.block >= 0 and key[e.module_type] == module_type)
+                for e in ranking.layers
+                if e.block >= 0 and key[e.module_type] == module_type
+            )
             if points:
                 ax.plot([x for x, _ in points], [y for _, y in points], marker=".", label=label)
         ax.set_title(module_type, fontsize=9)
@@ -413,8 +483,9 @@ def plot_profiles(rankings: Sequence[Ranking], labels: Sequence[str], path: Path
 # ------------------------------------------------------------------------------------------ `ila compare`
 
 
-def write_comparison(comparison: Comparison, rankings: Sequence[Ranking], out_dir: Path,
-                     overwrite: bool = False) -> list[Path]:
+def write_comparison(
+    comparison: Comparison, rankings: Sequence[Ranking], out_dir: Path, overwrite: bool = False
+) -> list[Path]:
     """compare.md, compare.json, overlap.png and profiles.png in `out_dir`; other files there are left alone."""
     paths = [out_dir / name for name in OUTPUT_FILES]
     existing = [p.name for p in paths if p.exists()]
@@ -428,9 +499,12 @@ def write_comparison(comparison: Comparison, rankings: Sequence[Ranking], out_di
     return paths
 
 
-def compare_files(paths: Sequence[str | Path], k_percents: Sequence[float] = DEFAULT_K_PERCENTS,
-                  heatmap_percent: float = DEFAULT_HEATMAP_PERCENT,
-                  labels: Sequence[str] | None = None) -> tuple[Comparison, list[Ranking]]:
+def compare_files(
+    paths: Sequence[str | Path],
+    k_percents: Sequence[float] = DEFAULT_K_PERCENTS,
+    heatmap_percent: float = DEFAULT_HEATMAP_PERCENT,
+    labels: Sequence[str] | None = None,
+) -> tuple[Comparison, list[Ranking]]:
     """Load ranking files (or run folders) and compare them; labels default to the folder or file names."""
     if len(paths) < 2:
         raise IlaError(f"compare needs at least 2 rankings, got {len(paths)}")

@@ -52,9 +52,7 @@ class DataConfig:
         if not 0.0 < self.eval_fraction < 1.0:
             raise IlaError(f"data.eval_fraction={self.eval_fraction} must lie strictly between 0 and 1")
         if self.min_response_tokens < 1 or self.min_response_tokens >= self.max_length:
-            raise IlaError(
-                f"data.min_response_tokens={self.min_response_tokens} must be >= 1 and < data.max_length"
-            )
+            raise IlaError(f"data.min_response_tokens={self.min_response_tokens} must be >= 1 and < data.max_length")
 
 
 @dataclass(frozen=True)
@@ -190,8 +188,9 @@ class AdaLoraSettings:
 
     def __post_init__(self) -> None:
         if self.target_r < 1 or self.target_r >= self.init_r:  # PEFT's rank allocator fails when they are equal
-            raise IlaError(f"adalora.init_r={self.init_r} and adalora.target_r={self.target_r} must satisfy "
-                           "1 <= target_r < init_r")
+            raise IlaError(
+                f"adalora.init_r={self.init_r} and adalora.target_r={self.target_r} must satisfy 1 <= target_r < init_r"
+            )
         if self.delta_t < 1:
             raise IlaError(f"adalora.delta_t={self.delta_t} must be >= 1")
         if self.orth_reg_weight < 0:
@@ -202,8 +201,10 @@ class AdaLoraSettings:
         tinit = self.tinit if self.tinit is not None else max_steps // 10
         tfinal = self.tfinal if self.tfinal is not None else max_steps // 5
         if tinit + tfinal >= max_steps:
-            raise IlaError(f"adalora.tinit={tinit} + adalora.tfinal={tfinal} must be < finetune.max_steps="
-                           f"{max_steps}, so that AdaLoRA has steps left to allocate ranks")
+            raise IlaError(
+                f"adalora.tinit={tinit} + adalora.tfinal={tfinal} must be < finetune.max_steps="
+                f"{max_steps}, so that AdaLoRA has steps left to allocate ranks"
+            )
         return tinit, tfinal
 
 
@@ -252,15 +253,18 @@ class EvaluateSettings:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.judge_examples < 1 or self.answer_tokens < 1 or self.max_gen_toks < 1:
-            raise IlaError("evaluate.batch_size, evaluate.judge_examples, evaluate.answer_tokens and "
-                           "evaluate.max_gen_toks must be >= 1")
+            raise IlaError(
+                "evaluate.batch_size, evaluate.judge_examples, evaluate.answer_tokens and "
+                "evaluate.max_gen_toks must be >= 1"
+            )
         if self.limit is not None and self.limit < 1:
             raise IlaError(f"evaluate.limit={self.limit} must be >= 1")
         if self.num_fewshot < 0:
             raise IlaError(f"evaluate.num_fewshot={self.num_fewshot} must be >= 0")
         if (self.judge_url is None) != (self.judge_model is None):
-            raise IlaError("evaluate.judge_url and evaluate.judge_model go together (--judge-url URL --judge-model "
-                           "NAME)")
+            raise IlaError(
+                "evaluate.judge_url and evaluate.judge_model go together (--judge-url URL --judge-model NAME)"
+            )
 
 
 @dataclass(frozen=True)
@@ -409,8 +413,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                extra: dict[str, Any] | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> T:
     """Defaults <- YAML file <- `extra` (from CLI flags) <- dotted overrides."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
     if extra:

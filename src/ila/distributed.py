@@ -91,5 +91,5 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
     offset = 0
     for param, grad in zip(params, grads, strict=True):
         n = grad.numel()
-        param.grad = flat[offset: offset + n].view_as(grad).clone()
+        param.grad = flat[offset : offset + n].view_as(grad).clone()
         offset += n

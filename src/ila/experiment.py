@@ -158,9 +158,18 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     ft = build_config(ExperimentFinetune, values["finetune"], prefix="finetune.") if "finetune" in values else None
     if ft is not None:
         ft = replace(ft, overrides=tuple(ft_overrides))
-    config = ExperimentConfig(model=cfg.model, datasets=pairs, seeds=cfg.seeds, milestones=cfg.milestones,
-                              methods=cfg.methods, identify=tuple(identify), k_percents=cfg.k_percents,
-                              threads=cfg.threads, output=cfg.output, finetune=ft)
+    config = ExperimentConfig(
+        model=cfg.model,
+        datasets=pairs,
+        seeds=cfg.seeds,
+        milestones=cfg.milestones,
+        methods=cfg.methods,
+        identify=tuple(identify),
+        k_percents=cfg.k_percents,
+        threads=cfg.threads,
+        output=cfg.output,
+        finetune=ft,
+    )
     identify_config(config, pairs[0][1], config.seeds[0], "unused")  # overrides: unknown keys fail now
     if ft is not None:
         finetune_config(config, "unused", None)
@@ -186,8 +195,15 @@ def identify_config(cfg: ExperimentConfig, data_path: str, seed: int, output: st
     run: dict[str, Any] = {"seed": seed, "output": output}
     if cfg.threads:
         run["threads"] = cfg.threads
-    values = merge(values, {"model": {"name": cfg.model}, "data": {"path": data_path}, "run": run,
-                            "stage1": {"milestones": sorted(set(cfg.milestones) | {100})}})
+    values = merge(
+        values,
+        {
+            "model": {"name": cfg.model},
+            "data": {"path": data_path},
+            "run": run,
+            "stage1": {"milestones": sorted(set(cfg.milestones) | {100})},
+        },
+    )
     try:
         return build_config(IdentifyConfig, values, prefix="")
     except IlaError as err:
@@ -204,9 +220,15 @@ def finetune_config(cfg: ExperimentConfig, output: str, selection: str | None) -
     run: dict[str, Any] = {"seed": _finetune_seed(cfg), "output": output}
     if cfg.threads:
         run["threads"] = cfg.threads
-    values = merge(values, {"model": {"name": cfg.model}, "data": {"path": cfg.data_paths[_finetune_data(cfg)]},
-                            "finetune": {"method": ft.method, "max_steps": ft.steps, "selection": selection},
-                            "run": run})
+    values = merge(
+        values,
+        {
+            "model": {"name": cfg.model},
+            "data": {"path": cfg.data_paths[_finetune_data(cfg)]},
+            "finetune": {"method": ft.method, "max_steps": ft.steps, "selection": selection},
+            "run": run,
+        },
+    )
     try:
         return build_config(FinetuneConfig, values)
     except IlaError as err:
@@ -297,8 +319,15 @@ def run_experiment(cfg: ExperimentConfig, output: str | Path | None = None) -> E
     return result
 
 
-def _identify_units(cfg: ExperimentConfig, root: Path, data: str, data_path: str, seed: int,
-                    unit: Callable[[Path, Callable[[], Any]], None], result: ExperimentResult) -> None:
+def _identify_units(
+    cfg: ExperimentConfig,
+    root: Path,
+    data: str,
+    data_path: str,
+    seed: int,
+    unit: Callable[[Path, Callable[[], Any]], None],
+    result: ExperimentResult,
+) -> None:
     from ila.identify import resume_identify, run_identify, run_milestone
 
     if ILA not in cfg.methods and "delta-norm" not in cfg.methods:
@@ -309,8 +338,7 @@ def _identify_units(cfg: ExperimentConfig, root: Path, data: str, data_path: str
         if (run_dir / "config.yaml").is_file() and (run_dir / "stage1").is_dir():
             resume_identify(run_dir, command="ila experiment")  # continue from its checkpoints
         else:
-            run_identify(identify_config(cfg, data_path, seed, str(run_dir)), overwrite=True,
-                         command="ila experiment")
+            run_identify(identify_config(cfg, data_path, seed, str(run_dir)), overwrite=True, command="ila experiment")
 
     unit(run_dir, identify)
     if ILA not in cfg.methods:
@@ -327,8 +355,15 @@ def _identify_units(cfg: ExperimentConfig, root: Path, data: str, data_path: str
         unit(folder, rank_milestone)
 
 
-def _baseline_units(cfg: ExperimentConfig, root: Path, data: str, data_path: str, seed: int,
-                    unit: Callable[[Path, Callable[[], Any]], None], result: ExperimentResult) -> None:
+def _baseline_units(
+    cfg: ExperimentConfig,
+    root: Path,
+    data: str,
+    data_path: str,
+    seed: int,
+    unit: Callable[[Path, Callable[[], Any]], None],
+    result: ExperimentResult,
+) -> None:
     from ila.baselines import BaselineSettings, run_rank
 
     icfg = identify_config(cfg, data_path, seed, "unused")
@@ -348,10 +383,19 @@ def _baseline_units(cfg: ExperimentConfig, root: Path, data: str, data_path: str
                     continue
 
             def work(method: str = method, folder: Path = folder, adapter: Path | None = adapter) -> None:
-                run_rank(method, cfg.model, data=None if method in DATA_FREE else data_path,
-                         adapter=str(adapter) if adapter else None, output=str(folder), settings=settings,
-                         max_length=icfg.data.max_length, include_lm_head=icfg.model.include_lm_head,
-                         threads=cfg.threads, overwrite=True, command="ila experiment")
+                run_rank(
+                    method,
+                    cfg.model,
+                    data=None if method in DATA_FREE else data_path,
+                    adapter=str(adapter) if adapter else None,
+                    output=str(folder),
+                    settings=settings,
+                    max_length=icfg.data.max_length,
+                    include_lm_head=icfg.model.include_lm_head,
+                    threads=cfg.threads,
+                    overwrite=True,
+                    command="ila experiment",
+                )
 
             unit(folder, work)
 
@@ -366,8 +410,14 @@ def finetune_units(cfg: ExperimentConfig) -> list[tuple[str, str | None, str, fl
         out.append(("all", None, "all", 1.0))
     for method in methods:
         if "freeze-bottom" in ft.rules:
-            out.append((f"{method}-freeze-bottom{round(ft.freeze_bottom * 100)}", method, "freeze-bottom",
-                        1.0 - ft.freeze_bottom))
+            out.append(
+                (
+                    f"{method}-freeze-bottom{round(ft.freeze_bottom * 100)}",
+                    method,
+                    "freeze-bottom",
+                    1.0 - ft.freeze_bottom,
+                )
+            )
         if "top" in ft.rules:
             out += [(f"{method}-top{round(f * 100)}", method, "top", f) for f in ft.fractions if f < 1.0]
     return out
@@ -383,8 +433,13 @@ def _finetune_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Cal
     for name, method, rule, fraction in finetune_units(cfg):
         folder = root / "finetune" / name
 
-        def work(name: str = name, method: str | None = method, rule: str = rule,
-                 fraction: float | None = fraction, folder: Path = folder) -> None:
+        def work(
+            name: str = name,
+            method: str | None = method,
+            rule: str = rule,
+            fraction: float | None = fraction,
+            folder: Path = folder,
+        ) -> None:
             selection_path = None
             if method is not None:
                 ranking = ranking_dir(root, method, data, seed) / "ranking.json"
@@ -396,8 +451,11 @@ def _finetune_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Cal
                 selections.mkdir(parents=True, exist_ok=True)
                 selection_path = selections / f"{name}.json"
                 selection.save(selection_path)
-            run_finetune(finetune_config(cfg, str(folder), str(selection_path) if selection_path else None),
-                         overwrite=True, command="ila experiment")
+            run_finetune(
+                finetune_config(cfg, str(folder), str(selection_path) if selection_path else None),
+                overwrite=True,
+                command="ila experiment",
+            )
 
         unit(folder, work)
 
@@ -416,8 +474,9 @@ def _load(folder: Path) -> Ranking | None:
     return load_ranking(path) if path.is_file() else None
 
 
-def _overlap_rows(cfg: ExperimentConfig, rankings: Sequence[Ranking], labels: Sequence[str],
-                  context: str) -> tuple[list[str], dict[str, Any]]:
+def _overlap_rows(
+    cfg: ExperimentConfig, rankings: Sequence[Ranking], labels: Sequence[str], context: str
+) -> tuple[list[str], dict[str, Any]]:
     from ila.compare import compare_rankings
 
     comparison = compare_rankings(rankings, labels, cfg.k_percents)
@@ -429,8 +488,14 @@ def _overlap_rows(cfg: ExperimentConfig, rankings: Sequence[Ranking], labels: Se
     return rows, comparison.to_dict()
 
 
-def _overlap_table(cfg: ExperimentConfig, title: str, groups: list[tuple[str, list[Ranking], list[str]]],
-                   note: str, saved: dict[str, Any], key: str) -> list[str]:
+def _overlap_table(
+    cfg: ExperimentConfig,
+    title: str,
+    groups: list[tuple[str, list[Ranking], list[str]]],
+    note: str,
+    saved: dict[str, Any],
+    key: str,
+) -> list[str]:
     lines = [f"### {title}", "", note, ""]
     usable = [(context, r, labels) for context, r, labels in groups if len(r) >= 2]
     if not usable:
@@ -450,25 +515,34 @@ def _overlap_table(cfg: ExperimentConfig, title: str, groups: list[tuple[str, li
 def write_report(cfg: ExperimentConfig, root: Path, result: ExperimentResult | None = None) -> str:
     """report.md: overlap tables per method (cross-data-set, cross-seed, milestone vs final) and fine-tuning."""
     names = [name for name, _ in cfg.datasets]
-    lines = ["# Experiment report", "", f"Model: `{cfg.model}`; data sets: {', '.join(names)}; seeds: "
-             f"{', '.join(map(str, cfg.seeds))}; milestones: {', '.join(f'{m}%' for m in cfg.milestones)}; "
-             f"methods: {', '.join(cfg.methods)}.", "",
-             "Cells: Jaccard of the top-K sets (p: one-sided hypergeometric test against two random K-sets); "
-             "Spearman over the full rankings. The chance level is the expected Jaccard of two random K-sets.", ""]
+    lines = [
+        "# Experiment report",
+        "",
+        f"Model: `{cfg.model}`; data sets: {', '.join(names)}; seeds: "
+        f"{', '.join(map(str, cfg.seeds))}; milestones: {', '.join(f'{m}%' for m in cfg.milestones)}; "
+        f"methods: {', '.join(cfg.methods)}.",
+        "",
+        "Cells: Jaccard of the top-K sets (p: one-sided hypergeometric test against two random K-sets); "
+        "Spearman over the full rankings. The chance level is the expected Jaccard of two random K-sets.",
+        "",
+    ]
     saved: dict[str, Any] = {}
     for method in cfg.methods:
         lines += [f"## {method}", ""]
         if method in DATA_FREE:
-            lines += [f"{method} does not read the data: its rankings are identical across data sets by "
-                      "construction.", ""]
+            lines += [
+                f"{method} does not read the data: its rankings are identical across data sets by construction.",
+                "",
+            ]
         else:
             groups = []
             for seed in cfg.seeds:
                 pairs = [(name, _load(ranking_dir(root, method, name, seed))) for name in names]
                 found = [(n, r) for n, r in pairs if r is not None]
                 groups.append((f"seed {seed}", [r for _, r in found], [n for n, _ in found]))
-            lines += _overlap_table(cfg, "Across data sets", groups, "Final rankings of each data set, per seed.",
-                                    saved, f"{method}/data")
+            lines += _overlap_table(
+                cfg, "Across data sets", groups, "Final rankings of each data set, per seed.", saved, f"{method}/data"
+            )
         if method in SEED_FREE:
             lines += [f"{method} does not depend on the seed: identical across seeds by construction.", ""]
         else:
@@ -478,12 +552,17 @@ def write_report(cfg: ExperimentConfig, root: Path, result: ExperimentResult | N
                 found2 = [(n, r) for n, r in pairs2 if r is not None]
                 context = "any data set" if method in DATA_FREE else name
                 groups.append((context, [r for _, r in found2], [n for n, _ in found2]))
-            lines += _overlap_table(cfg, "Across seeds", groups, "Final rankings of each seed, per data set.",
-                                    saved, f"{method}/seed")
+            lines += _overlap_table(
+                cfg, "Across seeds", groups, "Final rankings of each seed, per data set.", saved, f"{method}/seed"
+            )
         early = sorted(set(cfg.milestones) - {100})
         if method in MILESTONE_METHODS and early:
-            lines += ["### Milestone vs final", "", "Ranking from each Stage-1 milestone (percent of the planned "
-                      "steps) against the final ranking.", ""]
+            lines += [
+                "### Milestone vs final",
+                "",
+                "Ranking from each Stage-1 milestone (percent of the planned steps) against the final ranking.",
+                "",
+            ]
             head = " | ".join(f"top {k:g}%" for k in cfg.k_percents)
             lines += [f"| group | pair | {head} | Spearman |", "|---" * (len(cfg.k_percents) + 3) + "|"]
             chance: list[str] = []
@@ -522,12 +601,20 @@ def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         selection = json.loads((folder / "selection.json").read_text(encoding="utf-8"))
         heldout = manifest.get("heldout_loss") or [{}]
-        rows.append({"unit": name, "method": method or "-", "rule": rule, "fraction": fraction,
-                     "layers": f"{selection.get('n_selected')}/{selection.get('n_layers')}",
-                     "params": manifest.get("trainable_params", {}).get("count"),
-                     "base_loss": heldout[0].get("loss"), "loss": heldout[-1].get("loss"),
-                     "median_step_s": manifest.get("training", {}).get("median_step_s"),
-                     "peak_gb": max(manifest.get("memory", {}).values() or [float("nan")])})
+        rows.append(
+            {
+                "unit": name,
+                "method": method or "-",
+                "rule": rule,
+                "fraction": fraction,
+                "layers": f"{selection.get('n_selected')}/{selection.get('n_layers')}",
+                "params": manifest.get("trainable_params", {}).get("count"),
+                "base_loss": heldout[0].get("loss"),
+                "loss": heldout[-1].get("loss"),
+                "median_step_s": manifest.get("training", {}).get("median_step_s"),
+                "peak_gb": max(manifest.get("memory", {}).values() or [float("nan")]),
+            }
+        )
     return rows
 
 
@@ -535,24 +622,38 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
     assert cfg.finetune is not None
     rows = finetune_rows(cfg, root)
     ft = cfg.finetune
-    lines = ["## Fine-tuning", "",
-             f"{ft.method}, {ft.steps} steps each, from the base model on {_finetune_data(cfg)} (rankings of seed "
-             f"{_finetune_seed(cfg)}). Held-out loss: base -> after training.", "",
-             "| unit | rule | ranking | fraction | layers | trainable params | held-out loss | median step s | "
-             "peak memory GB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Fine-tuning",
+        "",
+        f"{ft.method}, {ft.steps} steps each, from the base model on {_finetune_data(cfg)} (rankings of seed "
+        f"{_finetune_seed(cfg)}). Held-out loss: base -> after training.",
+        "",
+        "| unit | rule | ranking | fraction | layers | trainable params | held-out loss | median step s | "
+        "peak memory GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def num(value: Any, spec: str) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
     for row in rows:
-        lines.append(f"| {row['unit']} | {row['rule']} | {row['method']} | {num(row['fraction'], '.2f')} | "
-                     f"{row['layers']} | {num(row['params'], ',')} | {num(row['base_loss'], '.4f')} -> "
-                     f"{num(row['loss'], '.4f')} | {num(row['median_step_s'], '.3f')} | {num(row['peak_gb'], '.2f')} |")
+        lines.append(
+            f"| {row['unit']} | {row['rule']} | {row['method']} | {num(row['fraction'], '.2f')} | "
+            f"{row['layers']} | {num(row['params'], ',')} | {num(row['base_loss'], '.4f')} -> "
+            f"{num(row['loss'], '.4f')} | {num(row['median_step_s'], '.3f')} | {num(row['peak_gb'], '.2f')} |"
+        )
     ablation = [r for r in rows if r["rule"] in ("top", "all")]
     if ablation:
-        lines += ["", "### Ablation: selected fraction", "",
-                  "Held-out loss and median step time against the fraction of layers trained (rule top; "
-                  "fraction 1.0 is every layer).", "", "![ablation](ablation.png)", ""]
+        lines += [
+            "",
+            "### Ablation: selected fraction",
+            "",
+            "Held-out loss and median step time against the fraction of layers trained (rule top; "
+            "fraction 1.0 is every layer).",
+            "",
+            "![ablation](ablation.png)",
+            "",
+        ]
         plot_ablation(ablation, root / "ablation.png")
         write_json(root / "finetune.json", rows)
     return [*lines, ""]
@@ -568,12 +669,14 @@ def plot_ablation(rows: list[dict[str, Any]], path: Path) -> None:
     methods = sorted({r["method"] for r in rows if r["rule"] == "top"})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for method in methods or ["-"]:
-        points = sorted([(r["fraction"], r) for r in rows if r["method"] == method and r["rule"] == "top"] +
-                        [(1.0, r) for r in full], key=lambda item: item[0])
+        points = sorted(
+            [(r["fraction"], r) for r in rows if r["method"] == method and r["rule"] == "top"]
+            + [(1.0, r) for r in full],
+            key=lambda item: item[0],
+        )
         xs = [f for f, _ in points]
         for ax, key in zip(axes, ("loss", "median_step_s"), strict=True):
-            ax.plot(xs, [r[key] if r[key] is not None else float("nan") for _, r in points], marker="o",
-                    label=method)
+            ax.plot(xs, [r[key] if r[key] is not None else float("nan") for _, r in points], marker="o", label=method)
     axes[0].set_ylabel("held-out loss")
     axes[1].set_ylabel("median step (s)")
     for ax in axes:

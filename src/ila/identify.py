@@ -22,12 +22,12 @@ import torch
 from ila import distributed
 from ila.config import IdentifyConfig, build_config, config_to_dict, read_yaml
 from ila.errors import IlaError, NonFiniteLossError
+from ila.identify_report import write_identify_report
 from ila.layers import Layer, discover_layers
 from ila.lora_adapters import LayerMask, load_lora
 from ila.model_loading import LoadedModel, load_model, pick_device
 from ila.plots import plot_heatmap
 from ila.ranking import Ranking, rank_layers
-from ila.identify_report import write_identify_report
 from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, write_json, write_yaml
 from ila.sft_data import SftData, eval_batches, load_sft_data
 from ila.stage1_lora import Stage1Result, run_stage1
@@ -79,20 +79,37 @@ def prepare_inputs(cfg: IdentifyConfig, timings: Timings) -> tuple[LoadedModel, 
     return loaded, layers, data
 
 
-def _mask_loss(model: torch.nn.Module, layers: list[Layer], keep: set[str], batches: list[Any],
-               device: torch.device) -> float:
+def _mask_loss(
+    model: torch.nn.Module, layers: list[Layer], keep: set[str], batches: list[Any], device: torch.device
+) -> float:
     with LayerMask(model, layers) as mask:
         mask.values = torch.tensor([1.0 if layer.name in keep else 0.0 for layer in layers], device=device)
         return heldout_loss(model, batches, device)
 
 
-def _stage2_and_rank(cfg: IdentifyConfig, loaded: LoadedModel, peft_model: torch.nn.Module, layers: list[Layer],
-                     data: SftData, timings: Timings, info: dict[str, Any],
-                     checkpoint: Path | None = None) -> tuple[Stage2Result, Ranking]:
+def _stage2_and_rank(
+    cfg: IdentifyConfig,
+    loaded: LoadedModel,
+    peft_model: torch.nn.Module,
+    layers: list[Layer],
+    data: SftData,
+    timings: Timings,
+    info: dict[str, Any],
+    checkpoint: Path | None = None,
+) -> tuple[Stage2Result, Ranking]:
     pad_id = int(loaded.tokenizer.pad_token_id)
     with timings.measure("stage 2"):
-        stage2 = run_stage2(peft_model, layers, data.train, cfg.stage2, cfg.run.seed, pad_id, loaded.device,
-                            checkpoint, cfg.run.checkpoint_every)
+        stage2 = run_stage2(
+            peft_model,
+            layers,
+            data.train,
+            cfg.stage2,
+            cfg.run.seed,
+            pad_id,
+            loaded.device,
+            checkpoint,
+            cfg.run.checkpoint_every,
+        )
     ranking = rank_layers(layers, stage2.scores, "ila", stage2.gammas, info)
     return stage2, ranking
 
@@ -132,8 +149,16 @@ def resume_identify(run_dir: Path, command: str = "") -> IdentifyResult:
     return _execute(cfg, run_dir, loaded, layers, data, timings, manifest, started)
 
 
-def _execute(cfg: IdentifyConfig, run_dir: Path, loaded: LoadedModel, layers: list[Layer], data: SftData,
-             timings: Timings, manifest: dict[str, Any], started: float) -> IdentifyResult:
+def _execute(
+    cfg: IdentifyConfig,
+    run_dir: Path,
+    loaded: LoadedModel,
+    layers: list[Layer],
+    data: SftData,
+    timings: Timings,
+    manifest: dict[str, Any],
+    started: float,
+) -> IdentifyResult:
     device = loaded.device
     pad_id = int(loaded.tokenizer.pad_token_id)
     heldout_batches = eval_batches(data.eval, cfg.stage1.batch_size, pad_id)
@@ -142,13 +167,24 @@ def _execute(cfg: IdentifyConfig, run_dir: Path, loaded: LoadedModel, layers: li
         with timings.measure("held-out evaluation"):
             heldout["base"] = heldout_loss(loaded.model, heldout_batches, device)
         with timings.measure("stage 1"):
-            peft_model, stage1 = run_stage1(loaded.model, layers, data.train, cfg.lora, cfg.stage1, cfg.run.seed,
-                                            pad_id, device, run_dir / "stage1", cfg.run.checkpoint_every)
+            peft_model, stage1 = run_stage1(
+                loaded.model,
+                layers,
+                data.train,
+                cfg.lora,
+                cfg.stage1,
+                cfg.run.seed,
+                pad_id,
+                device,
+                run_dir / "stage1",
+                cfg.run.checkpoint_every,
+            )
         with timings.measure("held-out evaluation"):
             heldout["stage1"] = heldout_loss(peft_model, heldout_batches, device)
         info = _ranking_info(cfg, loaded, data, milestone=None, stage1=stage1)
-        stage2, ranking = _stage2_and_rank(cfg, loaded, peft_model, layers, data, timings, info,
-                                           run_dir / "stage2" / "checkpoint.pt")
+        stage2, ranking = _stage2_and_rank(
+            cfg, loaded, peft_model, layers, data, timings, info, run_dir / "stage2" / "checkpoint.pt"
+        )
         top = set(ranking.top_fraction(cfg.run.report_top_fraction))
         with timings.measure("held-out evaluation"):
             heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
@@ -164,14 +200,21 @@ def _execute(cfg: IdentifyConfig, run_dir: Path, loaded: LoadedModel, layers: li
     memory = peak_memory()
     result = IdentifyResult(run_dir, ranking, stage1, stage2, heldout, timings.seconds, memory)
     write_identify_report(run_dir / "report.md", cfg, result, data.stats, layers)
-    manifest.update(status="complete", timings=timings.seconds, memory=memory,
-                    stage1=_stage1_summary(stage1), stage2=_loop_summary(stage2.loop), heldout_loss=heldout)
+    manifest.update(
+        status="complete",
+        timings=timings.seconds,
+        memory=memory,
+        stage1=_stage1_summary(stage1),
+        stage2=_loop_summary(stage2.loop),
+        heldout_loss=heldout,
+    )
     write_json(run_dir / "manifest.json", manifest)  # last: "complete" means every artifact is in place
     return result
 
 
-def run_milestone(run_dir: Path, milestone: int, overwrite: bool = False, overrides: list[str] | None = None,
-                  command: str = "") -> IdentifyResult:
+def run_milestone(
+    run_dir: Path, milestone: int, overwrite: bool = False, overrides: list[str] | None = None, command: str = ""
+) -> IdentifyResult:
     """Stage 2 on a saved Stage-1 milestone of an earlier run, without retraining Stage 1."""
     if not (run_dir / "config.yaml").is_file():
         raise IlaError(f"{run_dir} is not an ila identify run folder (no config.yaml)")
@@ -208,8 +251,15 @@ def run_milestone(run_dir: Path, milestone: int, overwrite: bool = False, overri
     timings.seconds["total"] = time.perf_counter() - started
     memory = peak_memory()
     manifest = _manifest_base(cfg, loaded, data, layers, command)
-    manifest.update(status="complete", milestone=milestone, stage1_adapter=str(adapter), timings=timings.seconds,
-                    memory=memory, stage2=_loop_summary(stage2.loop), heldout_loss=heldout)
+    manifest.update(
+        status="complete",
+        milestone=milestone,
+        stage1_adapter=str(adapter),
+        timings=timings.seconds,
+        memory=memory,
+        stage2=_loop_summary(stage2.loop),
+        heldout_loss=heldout,
+    )
     write_yaml(out / "config.yaml", config_to_dict(cfg))
     write_json(out / "manifest.json", manifest)
     result = IdentifyResult(out, ranking, None, stage2, heldout, timings.seconds, memory)
@@ -217,12 +267,18 @@ def run_milestone(run_dir: Path, milestone: int, overwrite: bool = False, overri
     return result
 
 
-def _ranking_info(cfg: IdentifyConfig, loaded: LoadedModel, data: SftData, milestone: int | None,
-                  stage1: Stage1Result | None) -> dict[str, Any]:
-    info: dict[str, Any] = {"model": cfg.model.name, "model_fingerprint": loaded.fingerprint,
-                            "data": data.stats.source, "data_sha256": data.stats.fingerprint,
-                            "seed": cfg.run.seed, "milestone": milestone if milestone is not None else 100,
-                            "sparsity": cfg.stage2.sparsity}
+def _ranking_info(
+    cfg: IdentifyConfig, loaded: LoadedModel, data: SftData, milestone: int | None, stage1: Stage1Result | None
+) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "model": cfg.model.name,
+        "model_fingerprint": loaded.fingerprint,
+        "data": data.stats.source,
+        "data_sha256": data.stats.fingerprint,
+        "seed": cfg.run.seed,
+        "milestone": milestone if milestone is not None else 100,
+        "sparsity": cfg.stage2.sparsity,
+    }
     if stage1 is not None:
         info["stage1_steps"] = stage1.steps
         info["stage1_stopped_by"] = stage1.stopped_by
@@ -232,29 +288,47 @@ def _ranking_info(cfg: IdentifyConfig, loaded: LoadedModel, data: SftData, miles
 
 def _loop_summary(loop: Any) -> dict[str, Any]:
     times = loop.step_seconds
-    return {"steps": loop.steps_run, "median_step_s": statistics.median(times) if times else None,
-            "tokens_per_s": loop.tokens_per_second, "padding_fraction": loop.padding_fraction,
-            "first_loss": loop.losses[0] if loop.losses else None,
-            "last_loss": loop.losses[-1] if loop.losses else None}
+    return {
+        "steps": loop.steps_run,
+        "median_step_s": statistics.median(times) if times else None,
+        "tokens_per_s": loop.tokens_per_second,
+        "padding_fraction": loop.padding_fraction,
+        "first_loss": loop.losses[0] if loop.losses else None,
+        "last_loss": loop.losses[-1] if loop.losses else None,
+    }
 
 
 def _stage1_summary(stage1: Stage1Result) -> dict[str, Any]:
     out = _loop_summary(stage1.loop)
-    out.update(stopped_by=stage1.stopped_by, milestones={str(k): str(v) for k, v in stage1.milestones.items()},
-               final_r_t=stage1.trace[-1]["r_t"] if stage1.trace else None)
+    out.update(
+        stopped_by=stage1.stopped_by,
+        milestones={str(k): str(v) for k, v in stage1.milestones.items()},
+        final_r_t=stage1.trace[-1]["r_t"] if stage1.trace else None,
+    )
     return out
 
 
-def _manifest_base(cfg: IdentifyConfig, loaded: LoadedModel, data: SftData, layers: list[Layer],
-                   command: str) -> dict[str, Any]:
+def _manifest_base(
+    cfg: IdentifyConfig, loaded: LoadedModel, data: SftData, layers: list[Layer], command: str
+) -> dict[str, Any]:
     return {
         "ila_command": command or " ".join(sys.argv),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config_to_dict(cfg),
-        "model": {"source": loaded.source, "resolved": loaded.resolved_path, "fingerprint": loaded.fingerprint,
-                  "class": type(loaded.model).__name__, "n_layers": len(layers)},
-        "data": {"source": data.stats.source, "sha256": data.stats.fingerprint, "rows": data.stats.rows,
-                 "train_examples": data.stats.train_examples, "eval_examples": data.stats.eval_examples},
+        "model": {
+            "source": loaded.source,
+            "resolved": loaded.resolved_path,
+            "fingerprint": loaded.fingerprint,
+            "class": type(loaded.model).__name__,
+            "n_layers": len(layers),
+        },
+        "data": {
+            "source": data.stats.source,
+            "sha256": data.stats.fingerprint,
+            "rows": data.stats.rows,
+            "train_examples": data.stats.train_examples,
+            "eval_examples": data.stats.eval_examples,
+        },
         "seed": cfg.run.seed,
         "versions": package_versions(),
         "hardware": hardware(),

@@ -21,8 +21,9 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def write_identify_report(path: Path, cfg: IdentifyConfig, result: IdentifyResult, stats: DataStats,
-                          layers: list[Layer]) -> None:
+def write_identify_report(
+    path: Path, cfg: IdentifyConfig, result: IdentifyResult, stats: DataStats, layers: list[Layer]
+) -> None:
     ranking, stage1, stage2 = result.ranking, result.stage1, result.stage2
     k = max(1, round(cfg.run.report_top_fraction * len(layers)))
     lines = [
@@ -57,25 +58,41 @@ def write_identify_report(path: Path, cfg: IdentifyConfig, result: IdentifyResul
         ratio = _median(stage2.loop.step_seconds) / _median(stage1.loop.step_seconds)
         lines.append(f"- Stage-2 / Stage-1 median step time: {ratio:.2f}")
     lines += ["", "## Held-out loss (assistant tokens)", "", "| model | loss |", "|---|---|"]
-    labels = {"base": "base model θ0", "stage1": "Stage-1 LoRA model θ0 + Δθ",
-              "stage1_top_mask": f"θ0 + Δθ on the top {cfg.run.report_top_fraction:.0%} layers only (hard mask)"}
+    labels = {
+        "base": "base model θ0",
+        "stage1": "Stage-1 LoRA model θ0 + Δθ",
+        "stage1_top_mask": f"θ0 + Δθ on the top {cfg.run.report_top_fraction:.0%} layers only (hard mask)",
+    }
     for key, value in result.heldout.items():
         lines.append(f"| {labels.get(key, key)} | {value:.4f} |")
     base, full, top = (result.heldout.get(k_) for k_ in ("base", "stage1", "stage1_top_mask"))
     if base is not None and full is not None and top is not None and base - full > 1e-9:
-        lines.append(f"\nThe top-{cfg.run.report_top_fraction:.0%} mask keeps {(base - top) / (base - full):.0%} "
-                     "of the held-out loss reduction of Stage 1.")
+        lines.append(
+            f"\nThe top-{cfg.run.report_top_fraction:.0%} mask keeps {(base - top) / (base - full):.0%} "
+            "of the held-out loss reduction of Stage 1."
+        )
     types = Counter(e.module_type for e in ranking.layers[:k])
-    lines += ["", f"## Top {min(k, 20)} layers", "", "| rank | layer | block | type | score | γ |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Top {min(k, 20)} layers",
+        "",
+        "| rank | layer | block | type | score | γ |",
+        "|---|---|---|---|---|---|",
+    ]
     for entry in ranking.layers[: min(k, 20)]:
         gamma = f"{entry.gamma:.3f}" if entry.gamma is not None else "-"
-        lines.append(f"| {entry.rank} | `{entry.name}` | {entry.block} | {entry.module_type} | {entry.score:.3f} "
-                     f"| {gamma} |")
+        lines.append(
+            f"| {entry.rank} | `{entry.name}` | {entry.block} | {entry.module_type} | {entry.score:.3f} | {gamma} |"
+        )
     lines += ["", f"Module types in the top {k}: " + ", ".join(f"{t} {n}" for t, n in types.most_common()), ""]
     lines += ["## Where the time went", "", "| part | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in result.timings.items()]
-    lines += ["", "Peak memory: " + ", ".join(f"{k_} {v:.2f}" for k_, v in result.memory.items()), "",
-              "Files: `ranking.json`, `ranking.csv`, `heatmap.png`, `manifest.json`, `config.yaml`, "
-              "`stage1/adapter` (PEFT), `stage1/milestone-*`, `stage1/trace.csv`.", ""]
+    lines += [
+        "",
+        "Peak memory: " + ", ".join(f"{k_} {v:.2f}" for k_, v in result.memory.items()),
+        "",
+        "Files: `ranking.json`, `ranking.csv`, `heatmap.png`, `manifest.json`, `config.yaml`, "
+        "`stage1/adapter` (PEFT), `stage1/milestone-*`, `stage1/trace.csv`.",
+        "",
+    ]
     atomic_write_text(path, "\n".join(lines))

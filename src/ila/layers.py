@@ -96,7 +96,5 @@ def summarize_layers(layers: list[Layer]) -> str:
     lines = [f"{len(layers)} linear layers in {n_blocks} blocks ({total / 1e6:.1f}M weights)"]
     for module_type in module_types(layers):
         example = next(layer for layer in layers if layer.module_type == module_type)
-        lines.append(
-            f"  {module_type:<28} x{counts[module_type]:<4} {example.in_features}->{example.out_features}"
-        )
+        lines.append(f"  {module_type:<28} x{counts[module_type]:<4} {example.in_features}->{example.out_features}")
     return "\n".join(lines)

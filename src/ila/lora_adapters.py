@@ -85,8 +85,9 @@ def lora_factors(peft_model: nn.Module, layers: Sequence[Layer]) -> list[LoraFac
     out = []
     for layer in layers:
         module = lora_module(peft_model, layer)
-        out.append(LoraFactors(module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight,
-                               float(module.scaling[ADAPTER])))
+        out.append(
+            LoraFactors(module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight, float(module.scaling[ADAPTER]))
+        )
     return out
 
 
@@ -180,8 +181,9 @@ class LayerMask:
 # ------------------------------------------------------- selective fine-tuning (`ila finetune`) and export checks
 
 
-def attach_adalora(model: PreTrainedModel, layers: Sequence[Layer], lora: LoraSettings, adalora: AdaLoraSettings,
-                   total_step: int) -> PeftModel:
+def attach_adalora(
+    model: PreTrainedModel, layers: Sequence[Layer], lora: LoraSettings, adalora: AdaLoraSettings, total_step: int
+) -> PeftModel:
     """Wrap `model` with AdaLoRA on exactly `layers`; `total_step` is the planned number of optimizer steps."""
     from peft import AdaLoraConfig
 
@@ -237,7 +239,8 @@ def prepare_quantized_for_training(model: PreTrainedModel, gradient_checkpointin
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(  # type: ignore[no-any-return]
-        model, use_gradient_checkpointing=gradient_checkpointing)
+        model, use_gradient_checkpointing=gradient_checkpointing
+    )
 
 
 def adapted_module_names(peft_model: nn.Module) -> list[str]:
@@ -254,8 +257,9 @@ def lora_targets(model: nn.Module, target_modules: list[str] | str, fan_in_fan_o
     Injects adapters into `model`, so pass a throwaway copy (e.g. built on the meta device). Returns [] when PEFT
     finds no module to adapt.
     """
-    config = LoraConfig(r=1, target_modules=target_modules, fan_in_fan_out=fan_in_fan_out, bias="none",
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=1, target_modules=target_modules, fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM"
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

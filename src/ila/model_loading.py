@@ -151,8 +151,9 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def load_model(cfg: ModelConfig, device: torch.device | None = None,
-               quantization_config: Any | None = None) -> LoadedModel:
+def load_model(
+    cfg: ModelConfig, device: torch.device | None = None, quantization_config: Any | None = None
+) -> LoadedModel:
     """Load model and tokenizer for training on `device`; every failure becomes one IlaError line.
 
     With a `quantization_config` (QLoRA's 4-bit BitsAndBytesConfig) the weights are quantized while loading and
@@ -179,9 +180,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None,
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None, **placement, **common)
     except ValueError as err:
-        raise IlaError(
-            f"unsupported architecture for a causal LM: {config.model_type} ({_first_line(err)})"
-        ) from None
+        raise IlaError(f"unsupported architecture for a causal LM: {config.model_type} ({_first_line(err)})") from None
     except OSError as err:
         raise IlaError(f"could not load {cfg.name}: {_first_line(err)}") from None
     if tokenizer.pad_token_id is None:

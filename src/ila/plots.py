@@ -44,8 +44,12 @@ def plot_heatmap(ranking: Ranking, path: Path, value: str = "gamma", top_fractio
     for row, col in outlined:
         ax.add_patch(matplotlib.patches.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=1.2))
     short = [t.split(".")[-1] for t in types]  # "q_proj" unless two types share it (GPT-2's c_proj)
-    ax.set_xticks(range(len(types)), [s if short.count(s) == 1 else t for s, t in zip(short, types, strict=True)],
-                  rotation=45, ha="right")
+    ax.set_xticks(
+        range(len(types)),
+        [s if short.count(s) == 1 else t for s, t in zip(short, types, strict=True)],
+        rotation=45,
+        ha="right",
+    )
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
     ax.set_ylabel("block")
     label = "γ = σ(score)" if value == "gamma" else "score"

@@ -48,23 +48,41 @@ class Ranking:
         return self.top(max(1, round(fraction * len(self.layers))))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "method": self.method, "n_layers": len(self.layers),
-                "n_blocks": self.n_blocks, "info": self.info, "layers": [asdict(e) for e in self.layers]}
+        return {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "n_layers": len(self.layers),
+            "n_blocks": self.n_blocks,
+            "info": self.info,
+            "layers": [asdict(e) for e in self.layers],
+        }
 
     def save(self, folder: Path, stem: str = "ranking") -> None:
         write_json(folder / f"{stem}.json", self.to_dict())
         write_csv(folder / f"{stem}.csv", [asdict(e) for e in self.layers])
 
 
-def rank_layers(layers: Sequence[Layer], scores: Sequence[float], method: str,
-                gammas: Sequence[float] | None = None, info: dict[str, Any] | None = None) -> Ranking:
+def rank_layers(
+    layers: Sequence[Layer],
+    scores: Sequence[float],
+    method: str,
+    gammas: Sequence[float] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Ranking:
     """Sort by score, highest first; ties keep discovery order so the ranking is deterministic."""
     if len(scores) != len(layers):
         raise ValueError(f"{len(scores)} scores for {len(layers)} layers")
     order = sorted(range(len(layers)), key=lambda i: (-scores[i], i))
     entries = [
-        LayerScore(layers[i].name, layers[i].block, layers[i].module_type, float(scores[i]),
-                   None if gammas is None else float(gammas[i]), rank, layers[i].n_params)
+        LayerScore(
+            layers[i].name,
+            layers[i].block,
+            layers[i].module_type,
+            float(scores[i]),
+            None if gammas is None else float(gammas[i]),
+            rank,
+            layers[i].n_params,
+        )
         for rank, i in enumerate(order, start=1)
     ]
     n_blocks = len({layer.block for layer in layers if layer.block >= 0})
@@ -82,7 +100,8 @@ def load_ranking(path: str | Path) -> Ranking:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
         entries = [LayerScore(**entry) for entry in data["layers"]]
-        return Ranking(data["method"], sorted(entries, key=lambda e: e.rank), int(data["n_blocks"]),
-                       data.get("info", {}))
+        return Ranking(
+            data["method"], sorted(entries, key=lambda e: e.rank), int(data["n_blocks"]), data.get("info", {})
+        )
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise IlaError(f"{p}: not a valid ila ranking file ({type(err).__name__}: {err})") from None

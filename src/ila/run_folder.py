@@ -111,8 +111,9 @@ def _make_run_dir(output: str | None, kind: str, overwrite: bool) -> Path:
     path = Path(output) if output else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
-            raise IlaError(f"run folder {path} already exists and is not empty; choose another --output or pass "
-                           "--overwrite")
+            raise IlaError(
+                f"run folder {path} already exists and is not empty; choose another --output or pass --overwrite"
+            )
         if path.is_dir():
             shutil.rmtree(path)
         else:

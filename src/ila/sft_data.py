@@ -31,8 +31,15 @@ Message = dict[str, str]
 # Used only when the tokenizer has no chat template (documented in the README).
 FALLBACK_TEMPLATE = "<|{role}|>\n{content}\n"
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "bing": "assistant", "chatgpt": "assistant"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "bing": "assistant",
+    "chatgpt": "assistant",
+}
 
 
 @dataclass(frozen=True)
@@ -99,8 +106,10 @@ def _read_json_array(text: str, path: Path) -> list[tuple[Any, str]]:
 def read_rows(path_or_id: str, split: str = "train") -> tuple[list[tuple[Any, str]], str, str]:
     """Return ([(row, location)], source, fingerprint) for a file, the bundled set or a hub id."""
     path = bundled_data_path() if path_or_id == BUNDLED_DATA else Path(path_or_id).expanduser()
-    looks_local = path_or_id == BUNDLED_DATA or path.suffix in (".json", ".jsonl") or path_or_id.startswith(
-        ("/", "./", "../", "~")
+    looks_local = (
+        path_or_id == BUNDLED_DATA
+        or path.suffix in (".json", ".jsonl")
+        or path_or_id.startswith(("/", "./", "../", "~"))
     )
     if path.is_dir():
         raise IlaError(f"data path {path_or_id} is a folder; give a .json or .jsonl file or a hub data set id")
@@ -234,8 +243,10 @@ def row_to_messages(row: Any, fmt: str, where: str) -> tuple[list[Message], str]
         answer_key = next((k for k in ("answer", "response", "completion") if k in row), None)
         if prompt_key not in row or answer_key is None:
             raise IlaError(f"{where}: question/answer row needs 'question'/'prompt' and 'answer'/'response'")
-        return [{"role": "user", "content": _need_str(row, prompt_key, where)},
-                {"role": "assistant", "content": _need_str(row, answer_key, where)}], detected
+        return [
+            {"role": "user", "content": _need_str(row, prompt_key, where)},
+            {"role": "assistant", "content": _need_str(row, answer_key, where)},
+        ], detected
     raise IlaError(
         f"{where}: row has none of the supported layouts (fields seen: {', '.join(sorted(row)) or 'none'}); "
         "allowed: alpaca (instruction, output), sharegpt (conversations), messages, question/answer, "
@@ -282,7 +293,7 @@ def tokenize_messages(tokenizer: PreTrainedTokenizerBase, messages: list[Message
                 while common < min(len(text), len(rendered)) and text[common] == rendered[common]:
                     common += 1
                 rendered = rendered[:common]
-            piece = text[len(rendered):]
+            piece = text[len(rendered) :]
             rendered = text
             if not piece:
                 continue
@@ -315,9 +326,12 @@ def load_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
     rows, source, fingerprint = read_rows(cfg.path, cfg.split)
     if not rows:
         raise IlaError(f"data set {source} is empty: no rows found")
-    stats = DataStats(source=source, fingerprint=fingerprint, rows=len(rows),
-                      policy=f"{cfg.too_long} at {cfg.max_length} tokens (min {cfg.min_response_tokens} "
-                             "response tokens kept)")
+    stats = DataStats(
+        source=source,
+        fingerprint=fingerprint,
+        rows=len(rows),
+        policy=f"{cfg.too_long} at {cfg.max_length} tokens (min {cfg.min_response_tokens} response tokens kept)",
+    )
     converted = []
     for row, where in rows:
         messages, fmt = row_to_messages(row, cfg.format, where)
@@ -398,8 +412,8 @@ def length_grouped_order(lengths: list[int], batch_size: int, rng: random.Random
     chunk = batch_size * 32
     batches: list[list[int]] = []
     for start in range(0, len(order), chunk):
-        group = sorted(order[start: start + chunk], key=lambda i: lengths[i], reverse=True)
-        batches += [group[i: i + batch_size] for i in range(0, len(group), batch_size)]
+        group = sorted(order[start : start + chunk], key=lambda i: lengths[i], reverse=True)
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -419,4 +433,4 @@ def batch_stream(examples: list[Example], batch_size: int, pad_id: int, seed: in
 def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[Batch]:
     """Held-out batches in a fixed, length-sorted order (little padding, same numbers every time)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    return [collate([examples[i] for i in order[s: s + batch_size]], pad_id) for s in range(0, len(order), batch_size)]
+    return [collate([examples[i] for i in order[s : s + batch_size]], pad_id) for s in range(0, len(order), batch_size)]

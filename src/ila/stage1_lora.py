@@ -122,12 +122,23 @@ def run_stage1(
         losses.append(loss)
         stop = _check(step)
         if checkpoint_every > 0 and (step % checkpoint_every == 0 or stop):
-            save_checkpoint(checkpoint_path, {
-                "step": step, "stopped": stop, "stopped_by": stopped_by[0],
-                "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "previous": [(f.a, f.b) for f in previous],
-                "losses": list(losses), "trace": trace, "below": dict(below), "milestones": sorted(milestones),
-                "rng": rng_state()})
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "step": step,
+                    "stopped": stop,
+                    "stopped_by": stopped_by[0],
+                    "params": [p.detach().clone() for p in params],
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "previous": [(f.a, f.b) for f in previous],
+                    "losses": list(losses),
+                    "trace": trace,
+                    "below": dict(below),
+                    "milestones": sorted(milestones),
+                    "rng": rng_state(),
+                },
+            )
         return stop
 
     def _check(step: int) -> bool:
@@ -143,19 +154,37 @@ def run_stage1(
         r_t = math.sqrt(change_sq / now_sq) if now_sq > 0 else float("inf")
         w = cfg.window
         recent = sum(losses[-w:]) / len(losses[-w:])
-        before = losses[-2 * w: -w]
-        plateau = abs(recent - sum(before) / len(before)) / max(abs(sum(before) / len(before)), 1e-12) if before \
+        before = losses[-2 * w : -w]
+        plateau = (
+            abs(recent - sum(before) / len(before)) / max(abs(sum(before) / len(before)), 1e-12)
+            if before
             else float("inf")
+        )
         below["update"] = below["update"] + 1 if r_t < cfg.epsilon else 0
         below["loss"] = below["loss"] + 1 if plateau < cfg.plateau_tolerance else 0
-        trace.append({"step": step, "r_t": r_t, "loss_plateau": plateau, "window_loss": recent,
-                      "update_norm": math.sqrt(now_sq), "lr": float(scheduler.get_last_lr()[0])})
-        log.info("stage 1 step %d: r_t=%.4f (epsilon %.3g), loss plateau %.4f, window loss %.4f",
-                 step, r_t, cfg.epsilon, plateau, recent)
+        trace.append(
+            {
+                "step": step,
+                "r_t": r_t,
+                "loss_plateau": plateau,
+                "window_loss": recent,
+                "update_norm": math.sqrt(now_sq),
+                "lr": float(scheduler.get_last_lr()[0]),
+            }
+        )
+        log.info(
+            "stage 1 step %d: r_t=%.4f (epsilon %.3g), loss plateau %.4f, window loss %.4f",
+            step,
+            r_t,
+            cfg.epsilon,
+            plateau,
+            recent,
+        )
         update_stable = below["update"] >= cfg.patience
         loss_stable = below["loss"] >= cfg.patience
-        stop = {"update": update_stable, "loss": loss_stable, "either": update_stable or loss_stable,
-                "steps": False}[cfg.stop_rule]
+        stop = {"update": update_stable, "loss": loss_stable, "either": update_stable or loss_stable, "steps": False}[
+            cfg.stop_rule
+        ]
         if stop:
             stopped_by[0] = "epsilon" if update_stable else "plateau"
         return stop
@@ -181,6 +210,8 @@ def run_stage1(
     write_csv(out_dir / "trace.csv", trace)
     # after a resume, step times exist only for the steps this process ran
     seconds: list[float | None] = [None] * (len(loop.losses) - len(loop.step_seconds)) + list(loop.step_seconds)
-    write_csv(out_dir / "losses.csv", [{"step": i + 1, "loss": v, "seconds": t}
-                                       for i, (v, t) in enumerate(zip(loop.losses, seconds, strict=True))])
+    write_csv(
+        out_dir / "losses.csv",
+        [{"step": i + 1, "loss": v, "seconds": t} for i, (v, t) in enumerate(zip(loop.losses, seconds, strict=True))],
+    )
     return peft_model, Stage1Result(adapter_dir, milestones, stopped_by[0], loop, trace)

@@ -106,12 +106,27 @@ def run_stage2(
             with torch.no_grad():
                 project_to_budget(scores.data, float(budget_layers))
         gamma = torch.sigmoid(scores.detach())
-        trace.append({"step": step, "loss": loss, "mean_gamma": float(gamma.mean()),
-                      "std_gamma": float(gamma.std()), "min_gamma": float(gamma.min()),
-                      "max_gamma": float(gamma.max())})
+        trace.append(
+            {
+                "step": step,
+                "loss": loss,
+                "mean_gamma": float(gamma.mean()),
+                "std_gamma": float(gamma.std()),
+                "min_gamma": float(gamma.min()),
+                "max_gamma": float(gamma.max()),
+            }
+        )
         if checkpoint is not None and checkpoint_every > 0 and (step % checkpoint_every == 0 or step == cfg.steps):
-            save_checkpoint(checkpoint, {"step": step, "scores": scores.detach().cpu().clone(),
-                                         "optimizer": optimizer.state_dict(), "trace": trace, "rng": rng_state()})
+            save_checkpoint(
+                checkpoint,
+                {
+                    "step": step,
+                    "scores": scores.detach().cpu().clone(),
+                    "optimizer": optimizer.state_dict(),
+                    "trace": trace,
+                    "rng": rng_state(),
+                },
+            )
         return False
 
     mask = LayerMask(peft_model, layers)
@@ -133,6 +148,11 @@ def run_stage2(
             p.requires_grad_(True)
     final = scores.detach().float().cpu()
     last = trace[-1] if trace else {}
-    log.info("stage 2 done: mean gamma %.3f (std %.3f, min %.3f, max %.3f)", last.get("mean_gamma", 0),
-             last.get("std_gamma", 0), last.get("min_gamma", 0), last.get("max_gamma", 0))
+    log.info(
+        "stage 2 done: mean gamma %.3f (std %.3f, min %.3f, max %.3f)",
+        last.get("mean_gamma", 0),
+        last.get("std_gamma", 0),
+        last.get("min_gamma", 0),
+        last.get("max_gamma", 0),
+    )
     return Stage2Result(final.tolist(), torch.sigmoid(final).tolist(), loop, trace)

@@ -95,8 +95,15 @@ def train(
     """
     world = distributed.world_size()
     result = LoopResult(steps_run=0, stopped_early=False)
-    bar = tqdm(total=max_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True, leave=False,
-               disable=None if distributed.is_main() else True)
+    bar = tqdm(
+        total=max_steps,
+        initial=start_step,
+        desc=stage,
+        unit="step",
+        dynamic_ncols=True,
+        leave=False,
+        disable=None if distributed.is_main() else True,
+    )
     try:
         for step in range(start_step + 1, max_steps + 1):
             batch = next(batches)
@@ -113,7 +120,9 @@ def train(
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"{stage}: non-finite loss ({value}) at step {step}; stopped before updating the weights "
-                    "(lower the learning rate or check the model weights and data)", step)
+                    "(lower the learning rate or check the model weights and data)",
+                    step,
+                )
             loss.backward()
             distributed.sum_gradients(list(params))  # summed shares = the global batch's gradient
             if grad_clip:
