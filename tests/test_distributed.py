@@ -1,4 +1,5 @@
-"""Two processes under `accelerate launch` (gloo on CPU) give the single-process ranking on the same global batch.
+"""Two processes under `accelerate launch` (gloo on CPU), data parallel or FSDP-sharded, give the single-process
+ranking on the same global batch.
 
 With accelerate 1.15 a CPU-only machine gets two real processes from `--multi_gpu --num_processes 2` (torch
 distributed run, gloo backend); `--cpu` launches one process. LoRA dropout is off so both runs see the same
@@ -10,11 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+from safetensors.torch import load_file
 
 OVERRIDES = [
     "stage1.max_steps=16",
@@ -34,37 +39,111 @@ def _scores(run: Path) -> dict[str, float]:
     return {e["name"]: e["score"] for e in json.loads((run / "ranking.json").read_text())["layers"]}
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
-def test_two_processes_match_one(tiny_model_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = ["-m", "ila", "-q", "identify", "--model", str(tiny_model_dir), "--data", str(tiny_data), *OVERRIDES]
-    single = subprocess.run(
-        [sys.executable, *args, "--output", str(tmp_path / "one")], env=env, capture_output=True, text=True
-    )
-    assert single.returncode == 0, single.stderr[-2000:]
-    launch = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    double = subprocess.run(
-        [*launch, *args, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True
-    )
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCHERS = {
+    # data parallel: the whole model in every process, trainable gradients all-reduced by ila
+    "ddp": ["accelerate", "launch", "--multi_gpu", *COMMON],
+    # FSDP2 from the shipped config: every block's weights sharded across the two processes
+    "fsdp": ["accelerate", "launch", "--config_file", str(REPO / "configs" / "fsdp.yaml"), *COMMON],
+}
+needs_accelerate = pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _identify(model: Path, data: Path, *extra: str) -> list[str]:
+    return ["-m", "ila", "-q", "identify", "--model", str(model), "--data", str(data), *OVERRIDES, *extra]
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_model_dir: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    args = [sys.executable, *_identify(tiny_model_dir, tiny_data, "--output", str(out))]
+    proc = subprocess.run(args, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def _assert_same_ranking(one: Path, two: Path) -> None:
+    a, b = _scores(one), _scores(two)
+    assert sorted(a, key=lambda n: -a[n]) == sorted(b, key=lambda n: -b[n])
+    assert max(abs(a[name] - b[name]) for name in a) < TOLERANCE
+
+
+@needs_accelerate
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_match_one(
+    launcher: str, single_process: Path, tiny_model_dir: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "two"
+    args = _identify(tiny_model_dir, tiny_data, "--output", str(out))
+    double = subprocess.run([*LAUNCHERS[launcher], *args], env=_env(), capture_output=True, text=True)
     assert double.returncode == 0, double.stderr[-2000:]
-    one, two = _scores(tmp_path / "one"), _scores(tmp_path / "two")
-    assert sorted(one, key=lambda n: -one[n]) == sorted(two, key=lambda n: -two[n])
-    assert max(abs(one[name] - two[name]) for name in one) < TOLERANCE
+    _assert_same_ranking(single_process, out)
+    # the Stage-1 adapter (gathered from the shards under FSDP) holds the single-process factors
+    want = load_file(single_process / "stage1" / "adapter" / "adapter_model.safetensors")
+    got = load_file(out / "stage1" / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < TOLERANCE
     # only the main process wrote: one manifest, no stray scratch folders in the run folder
-    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["status"] == "complete"
-    assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    hardware = json.loads((out / "manifest.json").read_text())["hardware"]
+    assert hardware["processes"] == 2
+    assert hardware["parallelism"] == {"ddp": "data parallel", "fsdp": "fsdp"}[launcher]
+
+
+@needs_accelerate
+def test_fsdp_kill_9_then_resume_gives_the_single_process_ranking(
+    single_process: Path, tiny_model_dir: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """Checkpoints under FSDP hold whole tensors (gathered), so a killed sharded run resumes exactly."""
+    out = tmp_path / "run"
+    args = _identify(tiny_model_dir, tiny_data, "run.checkpoint_every=2", "--output", str(out))
+    log = tmp_path / "launch.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [*LAUNCHERS["fsdp"], *args],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+    checkpoint = out / "stage1" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        ended = proc.poll() is not None
+        assert not ended, f"the run ended (exit {proc.returncode}) before a checkpoint: {log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.005)
+    workers = psutil.Process(proc.pid).children(recursive=True)  # torch's elastic agent starts its own sessions
+    for process in [psutil.Process(proc.pid), *workers]:
+        process.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
+    assert not (out / "ranking.json").exists()
+    resumed = subprocess.run(
+        [*LAUNCHERS["fsdp"], "-m", "ila", "-q", "identify", "--resume", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["resumed"] == 1
+    _assert_same_ranking(single_process, out)
+
+
+def test_deepspeed_launch_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ila.cli import main
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert main(["-q", "layers", "--model", "nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "DeepSpeed" in err and "configs/fsdp.yaml" in err
 
 
 def test_batch_not_divisible_by_processes_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

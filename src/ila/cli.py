@@ -741,6 +741,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     _configure_logging(args.quiet)
+    from ila import distributed, sharding
+
+    error_prefix = "" if distributed.is_main() else f"[rank {distributed.rank()}] "
     handlers = {
         "env": _env,
         "identify": _identify,
@@ -755,9 +758,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "experiment": _experiment,
     }
     try:
+        sharding.check_launch()
         return handlers[args.command](args)
     except IlaError as err:
-        sys.stderr.write(f"ila: error: {err}\n")
+        sys.stderr.write(f"{error_prefix}ila: error: {err}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("ila: interrupted\n")

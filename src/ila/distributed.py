@@ -83,7 +83,7 @@ def shard_rows(n_rows: int) -> slice:
 
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:
     """All-reduce (sum) the gradients of `params` in one flat buffer; missing gradients count as zeros."""
-    if world_size() == 1:
+    if world_size() == 1 or not params:  # no replicated parameters (all sharded by FSDP): nothing to reduce
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -30,6 +30,7 @@ from ila.plots import plot_heatmap
 from ila.ranking import Ranking, rank_layers
 from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, write_json, write_yaml
 from ila.sft_data import SftData, eval_batches, load_sft_data
+from ila.sharding import shard_if_enabled
 from ila.stage1_lora import Stage1Result, run_stage1
 from ila.stage2_mask import Stage2Result, run_stage2
 from ila.training_loop import heldout_loss
@@ -232,7 +233,7 @@ def run_milestone(
     started = time.perf_counter()
     loaded, layers, data = prepare_inputs(cfg, timings)
     out = prepare_run_dir(str(out), "milestone", overwrite)
-    peft_model = load_lora(loaded.model, adapter)
+    peft_model = shard_if_enabled(load_lora(loaded.model, adapter))
     device = loaded.device
     heldout_batches = eval_batches(data.eval, cfg.stage1.batch_size, int(loaded.tokenizer.pad_token_id))
     heldout = {"base": float("nan")}

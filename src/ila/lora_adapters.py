@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from ila.config import AdaLoraSettings, LoraSettings
 from ila.layers import Layer
+from ila.sharding import full
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ def remove_lora(peft_model: nn.Module) -> nn.Module:
 
 def snapshot(factors: Sequence[LoraFactors]) -> list[LoraFactors]:
     """Detached float copies, to compare the update at two times."""
-    return [LoraFactors(f.a.detach().float().clone(), f.b.detach().float().clone(), f.scaling) for f in factors]
+    return [
+        LoraFactors(full(f.a).detach().float().clone(), full(f.b).detach().float().clone(), f.scaling) for f in factors
+    ]
 
 
 def _lowrank_sq_norm(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -131,15 +134,15 @@ def _lowrank_sq_norm(u: torch.Tensor, v: torch.Tensor) -> float:
 
 def update_sq_norms(factors: Sequence[LoraFactors]) -> list[float]:
     """|Δθ_i|_F^2 = |s B A|_F^2 for every layer."""
-    return [_lowrank_sq_norm(f.b.detach().float() * f.scaling, f.a.detach().float()) for f in factors]
+    return [_lowrank_sq_norm(full(f.b).detach().float() * f.scaling, full(f.a).detach().float()) for f in factors]
 
 
 def change_sq_norms(now: Sequence[LoraFactors], before: Sequence[LoraFactors]) -> list[float]:
     """|Δθ_now − Δθ_before|_F^2 per layer, computed in the rank-2r factor space."""
     out = []
     for f, g in zip(now, before, strict=True):
-        u = torch.cat([f.b.detach().float() * f.scaling, -g.b.float() * g.scaling], dim=1)
-        v = torch.cat([f.a.detach().float(), g.a.float()], dim=0)
+        u = torch.cat([full(f.b).detach().float() * f.scaling, -full(g.b).float() * g.scaling], dim=1)
+        v = torch.cat([full(f.a).detach().float(), full(g.a).float()], dim=0)
         out.append(_lowrank_sq_norm(u, v))
     return out
 

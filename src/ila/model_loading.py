@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ila import sharding
 from ila.config import DEFAULT_MODEL, ModelConfig
 from ila.errors import IlaError
 
@@ -55,6 +56,8 @@ def pick_device(requested: str) -> torch.device:
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     # fp32 on CPU: bf16 matmuls are ~3x slower on CPUs without AMX; bf16 on CUDA.
     if requested == "auto":
+        if sharding.fsdp_enabled():  # FSDP keeps fp32 master weights; the launcher's mixed precision computes in bf16
+            return torch.float32
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 

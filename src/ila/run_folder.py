@@ -142,7 +142,14 @@ def peak_memory() -> dict[str, float]:
 
 
 def hardware() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    from ila import sharding
+
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processes": distributed.world_size(),
+        "parallelism": "fsdp" if sharding.fsdp_enabled() else "data parallel" if distributed.launched() else "none",
+    }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info

@@ -32,6 +32,7 @@ from ila.lora_adapters import (
 )
 from ila.run_folder import atomic_dir, write_csv
 from ila.sft_data import Example, batch_stream
+from ila.sharding import copy_full_into, full, load_optimizer_state, lora_state_dict, optimizer_state, shard_if_enabled
 from ila.training_loop import LoopResult, sft_loss, train
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ def milestone_steps(max_steps: int, percents: Sequence[int]) -> dict[int, int]:
 
 
 def save_adapter(model: PeftModel, folder: Path) -> None:
+    state = lora_state_dict(model)  # gathered on every process under FSDP, before the main process writes
     with atomic_dir(folder) as staging:
-        model.save_pretrained(str(staging))
+        model.save_pretrained(str(staging), state_dict=state)
 
 
 def run_stage1(
@@ -80,6 +82,7 @@ def run_stage1(
     torch.manual_seed(seed)
     peft_model = attach_lora(model, layers, lora)  # type: ignore[arg-type]
     peft_model.train()
+    shard_if_enabled(peft_model)  # before the optimizer exists: it must hold the sharded parameters
     params = lora_parameters(peft_model, layers)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -105,8 +108,8 @@ def run_stage1(
     if state is not None:
         with torch.no_grad():
             for param, saved in zip(params, state["params"], strict=True):
-                param.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
+                copy_full_into(param, saved)
+        load_optimizer_state(peft_model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         previous = [LoraFactors(a, b, f.scaling) for (a, b), f in zip(state["previous"], factors, strict=True)]
         losses += state["losses"]
@@ -128,8 +131,8 @@ def run_stage1(
                     "step": step,
                     "stopped": stop,
                     "stopped_by": stopped_by[0],
-                    "params": [p.detach().clone() for p in params],
-                    "optimizer": optimizer.state_dict(),
+                    "params": [full(p).detach().cpu().clone() for p in params],
+                    "optimizer": optimizer_state(peft_model, optimizer),
                     "scheduler": scheduler.state_dict(),
                     "previous": [(f.a, f.b) for f in previous],
                     "losses": list(losses),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ila import distributed
+from ila import distributed, sharding
 from ila.errors import NonFiniteLossError
 from ila.lora_adapters import unwrap
 from ila.sft_data import IGNORE_INDEX, Batch
@@ -31,7 +31,8 @@ def sft_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
     The output head runs only on positions that carry a label: on a 49k-token vocabulary that skips most of the
     head's cost for prompt and padding tokens. Models that post-process logits (soft-capping, logit scale) take
-    the plain path through the full forward.
+    the plain path through the full forward, and so do FSDP runs: the root module's hooks gather the embeddings
+    and the head only when the whole model runs.
     """
     lm = unwrap(model)
     targets = batch.labels[:, 1:]
@@ -40,7 +41,7 @@ def sft_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     plain = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None  # type: ignore[operator]
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None  # type: ignore[operator]
-    if plain or head is None or decoder is None or decoder is lm:
+    if plain or sharding.fsdp_enabled() or head is None or decoder is None or decoder is lm:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), targets[keep])
     hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
@@ -94,6 +95,8 @@ def train(
     naming the step, so whatever was saved before stays valid.
     """
     world = distributed.world_size()
+    sharded = [p for p in params if sharding.is_sharded(p)]  # FSDP reduces these itself
+    replicated = [p for p in params if not sharding.is_sharded(p)]
     result = LoopResult(steps_run=0, stopped_early=False)
     bar = tqdm(
         total=max_steps,
@@ -124,7 +127,8 @@ def train(
                     step,
                 )
             loss.backward()
-            distributed.sum_gradients(list(params))  # summed shares = the global batch's gradient
+            distributed.sum_gradients(replicated)  # summed shares = the global batch's gradient
+            sharding.sum_sharded_gradients(sharded)
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()

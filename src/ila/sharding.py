@@ -1,0 +1,163 @@
+"""FSDP under `accelerate launch --config_file configs/fsdp.yaml`: shard the model across processes.
+
+Accelerate's launcher sets up the processes and passes the FSDP settings of its config in the environment
+(ACCELERATE_USE_FSDP, FSDP_*). ila then shards with PyTorch's FSDP2 (`fully_shard`, one group per transformer
+block plus the root) rather than through `Accelerator.prepare`: FSDP2 shards each parameter on its own, so frozen
+base weights and trainable LoRA factors share a block without `use_orig_params`, and it also runs on CPU (gloo),
+where the multi-process test checks it. FSDP averages gradients over processes; the training loop already
+weights each process's loss by its share of the global batch's target tokens, so it multiplies the averaged
+sharded gradients by the number of processes (`sum_sharded_gradients`) to get the global batch's gradient.
+
+Everything that reads a sharded tensor (the stability check, checkpoints, adapter saving) goes through `full`,
+a collective: every process calls it in the same order, which holds because all processes run the same steps.
+DeepSpeed is refused with a clear message; FSDP is the supported sharding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ila import distributed
+from ila.errors import IlaError
+
+log = logging.getLogger(__name__)
+
+_TRUE = {"1", "true", "yes"}
+
+
+def _env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in _TRUE
+
+
+def check_launch() -> None:
+    """Refuse launcher settings ila cannot honour, before anything is loaded or written."""
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise IlaError(
+            "DeepSpeed launches are not supported by ila; shard with FSDP instead "
+            "(accelerate launch --config_file configs/fsdp.yaml -m ila ...) or use configs/ddp.yaml"
+        )
+
+
+def fsdp_enabled() -> bool:
+    """True under an FSDP launch with more than one process."""
+    return _env_flag("ACCELERATE_USE_FSDP") and distributed.world_size() > 1
+
+
+def _mixed_precision() -> Any:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mode = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mode == "no":
+        return MixedPrecisionPolicy()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if mode not in dtypes:
+        raise IlaError(f"mixed_precision={mode} is not supported with FSDP; use no, bf16 or fp16")
+    # fp32 master weights, low-precision compute, fp32 gradient reduction: the standard FSDP2 recipe
+    return MixedPrecisionPolicy(param_dtype=dtypes[mode], reduce_dtype=torch.float32)
+
+
+def check_dtype(model: nn.Module) -> None:
+    """FSDP2 needs one dtype per group; LoRA factors are fp32, so the base weights must be fp32 too."""
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise IlaError(
+            f"under FSDP the model must be loaded in float32 (found {names}); set model.dtype=float32 and "
+            "mixed_precision: bf16 in the accelerate config for bf16 compute"
+        )
+
+
+def shard(model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
+    """Apply FSDP2 to every block, then to the root (embeddings, final norm, head); returns `model` itself."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    check_dtype(model)
+    options: dict[str, Any] = {
+        "mp_policy": _mixed_precision(),
+        "reshard_after_forward": _env_flag("FSDP_RESHARD_AFTER_FORWARD", default=True),
+        "offload_policy": CPUOffloadPolicy() if _env_flag("FSDP_OFFLOAD_PARAMS") else OffloadPolicy(),
+    }
+    for block in blocks:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    log.info("FSDP: %d blocks sharded across %d processes", len(blocks), distributed.world_size())
+    return model
+
+
+def shard_if_enabled(model: nn.Module) -> nn.Module:
+    """Shard `model` (a PEFT model or a plain transformers model) by its transformer blocks under FSDP."""
+    if not fsdp_enabled():
+        return model
+    from ila.layers import find_block_list
+    from ila.lora_adapters import unwrap
+
+    _, blocks = find_block_list(unwrap(model))
+    return shard(model, list(blocks))
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every process (an all-gather for a sharded one)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined, no-any-return]
+
+
+def sum_sharded_gradients(params: Sequence[torch.Tensor]) -> None:
+    """FSDP's reduce-scatter averaged these gradients; make them sums like the replicated ones.
+
+    (FSDP2's own divide factor of 1 would do this inside the reduction, but gloo has no PREMUL_SUM.)
+    """
+    world = distributed.world_size()
+    for param in params:
+        if param.grad is not None:
+            param.grad.mul_(world)
+
+
+def copy_full_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Load a whole saved tensor into a (possibly sharded) parameter."""
+    with torch.no_grad():
+        if is_sharded(param):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(
+                value.to(device=param.device, dtype=param.dtype),
+                param.device_mesh,  # type: ignore[attr-defined]
+                param.placements,  # type: ignore[attr-defined]
+            )
+        param.copy_(value)
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state with whole tensors (gathered under FSDP), ready to save from the main process."""
+    if not fsdp_enabled():
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    if not fsdp_enabled():
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Whole LoRA tensors for `save_pretrained(state_dict=...)` under FSDP; None otherwise (PEFT reads them)."""
+    if not fsdp_enabled():
+        return None
+    return {name: full(value).detach().cpu() for name, value in model.state_dict().items() if "lora_" in name}
