@@ -135,6 +135,44 @@ def test_fsdp_kill_9_then_resume_gives_the_single_process_ranking(
     _assert_same_ranking(single_process, out)
 
 
+FINETUNE = [
+    "finetune.max_steps=6",
+    "finetune.eval_every=3",
+    "finetune.batch_size=4",
+    "finetune.lr=0.01",
+    "finetune.warmup_steps=0",
+    "data.max_length=64",
+    "run.threads=1",
+    "lora.dropout=0",
+]
+
+
+@needs_accelerate
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_finetune_matches_one_process(method: str, tiny_model_dir: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """FSDP fine-tuning of a selection trains the single-process weights: adapter or changed tensors agree."""
+    from test_finetune import write_selection
+
+    selection, names = write_selection(tiny_model_dir, tmp_path)
+    args = ["-m", "ila", "-q", "finetune", "--model", str(tiny_model_dir), "--data", str(tiny_data)]
+    args += ["--selection", str(selection), "--method", method, *FINETUNE]
+    if method == "full":
+        args.append("finetune.lr=0.001")
+    for launch, out in (([sys.executable], "one"), (LAUNCHERS["fsdp"], "two")):
+        proc = subprocess.run([*launch, *args, "--output", str(tmp_path / out)], env=_env(), capture_output=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    artifact = "adapter/adapter_model.safetensors" if method == "lora" else "selected_weights.safetensors"
+    want, got = load_file(tmp_path / "one" / artifact), load_file(tmp_path / "two" / artifact)
+    assert got.keys() == want.keys()
+    if method == "full":
+        assert sorted(got) == sorted(f"{name}.weight" for name in names)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < TOLERANCE
+    manifests = [json.loads((tmp_path / r / "manifest.json").read_text()) for r in ("one", "two")]
+    assert manifests[1]["hardware"]["parallelism"] == "fsdp"
+    heldout = [[e["loss"] for e in m["heldout_loss"]] for m in manifests]
+    assert heldout[0] == pytest.approx(heldout[1], abs=TOLERANCE)
+
+
 def test_deepspeed_launch_is_refused_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

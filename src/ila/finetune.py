@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from ila import distributed, sharding
 from ila.config import FinetuneConfig, config_to_dict
 from ila.errors import IlaError, NonFiniteLossError
 from ila.identify import Timings
@@ -71,6 +72,13 @@ class FinetuneResult:
 
 def check_method_available(cfg: FinetuneConfig) -> None:
     """Refuse a method this machine cannot run, before anything is loaded or written."""
+    if sharding.fsdp_enabled() and cfg.finetune.method in ("adalora", "qlora"):
+        raise IlaError(
+            f"finetune.method={cfg.finetune.method} cannot run under FSDP (AdaLoRA's rank allocator and 4-bit "
+            "weights need whole tensors); use lora or full with configs/fsdp.yaml, or configs/ddp.yaml"
+        )
+    if sharding.fsdp_enabled() and cfg.finetune.save_model:
+        raise IlaError("finetune.save_model=true is not supported under FSDP; apply the changed weights instead")
     if cfg.finetune.method != "qlora":
         return
     if cfg.run.device == "cpu" or not torch.cuda.is_available():
@@ -165,7 +173,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
-    device = pick_device(cfg.run.device)
+    device = distributed.local_device() or pick_device(cfg.run.device)  # under a launcher: this process's device
     quantization = _quantization_config(cfg) if cfg.finetune.method == "qlora" else None
     with timings.measure("load model"):
         loaded = load_model(cfg.model, device, quantization_config=quantization)
@@ -192,6 +200,9 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     trainable = make_trainable(loaded.model, chosen, cfg)
     model = trainable.model
     model.train()
+    if sharding.fsdp_enabled():  # FSDP swaps in sharded parameters: collect them again, before the optimizer
+        sharding.shard_if_enabled(model)
+        trainable.params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable.params, lr=cfg.finetune.learning_rate, weight_decay=cfg.finetune.weight_decay
     )  # built after freezing: see docs/peers.md
@@ -299,10 +310,13 @@ def _save_trained(
 ) -> dict[str, str]:
     """The adapter (LoRA family) or the changed tensors (full), and optionally the whole model."""
     if cfg.finetune.method != "full":
+        state = sharding.lora_state_dict(model)  # gathered on every process under FSDP
         with atomic_dir(run_dir / "adapter") as staging:
-            model.save_pretrained(str(staging))  # type: ignore[operator]
+            model.save_pretrained(str(staging), state_dict=state)  # type: ignore[operator]
         return {"adapter": "adapter"}
-    tensors = {f"{layer.name}.weight": _weight(model, layer).detach().to("cpu").contiguous() for layer in chosen}
+    tensors = {
+        f"{layer.name}.weight": sharding.full(_weight(model, layer)).detach().to("cpu").contiguous() for layer in chosen
+    }
     metadata = {"format": "pt", "base_model": cfg.model.name, "base_fingerprint": loaded.fingerprint}
     atomic_write_bytes(run_dir / CHANGED_WEIGHTS, safetensors_bytes(tensors, metadata=metadata))
     atomic_write_text(run_dir / "APPLY.md", _apply_note(cfg.model.name, len(tensors)))
