@@ -310,3 +310,26 @@ def test_tiny_llama_reference_is_the_saved_model(tiny_model_dir: Path) -> None:
     """The tests compare against the saved folder; it must hold the same weights as the in-code model."""
     saved, built = base_model(tiny_model_dir).state_dict(), tiny_llama().state_dict()
     assert all(torch.equal(saved[k], built[k]) for k in built)
+
+
+@pytest.mark.parametrize("option", ["run.gradient_checkpointing=true", "run.compile=true"])
+def test_memory_and_speed_options_train_the_same_weights(
+    option: str, tmp_path: Path, tiny_model_dir: Path, tiny_data: Path
+) -> None:
+    """Gradient checkpointing recomputes activations and torch.compile fuses kernels: neither may change the step."""
+    selection, _ = write_selection(tiny_model_dir, tmp_path)
+    extra = ["lora.dropout=0", "finetune.max_steps=2", "finetune.eval_every=2"]
+    plain = finetune(tiny_model_dir, tiny_data, tmp_path / "plain", "lora", selection, extra)
+    other = finetune(tiny_model_dir, tiny_data, tmp_path / "other", "lora", selection, [*extra, option])
+    lm = unwrap(other.model)
+    if "checkpointing" in option:
+        on = [getattr(unwrap(r.model), "is_activation_checkpointing", None) for r in (other, plain)]
+        if on == [None, None]:  # transformers before the rename
+            on = [unwrap(r.model).is_gradient_checkpointing for r in (other, plain)]
+        assert on == [True, False]
+    else:
+        assert all(hasattr(block, "_compiled_call_impl") and block._compiled_call_impl for block in lm.model.layers)
+    want = dict(plain.model.named_parameters())
+    for name, param in other.model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(param, want[name], rtol=1e-4, atol=1e-5)

@@ -126,6 +126,8 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     report_top_fraction: float = 0.3  # the hard top-K mask evaluated in the report
     checkpoint_every: int = 10  # steps between resumable checkpoints of a stage; 0 turns them off
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more time
+    compile: bool = False  # torch.compile each transformer block (regional); for long GPU runs
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,14 @@ from ila.run_folder import (
 )
 from ila.selection import Selection, all_layers, load_selection
 from ila.sft_data import SftData, batch_stream, eval_batches, load_sft_data
-from ila.training_loop import LoopResult, heldout_loss, sft_loss, train
+from ila.training_loop import (
+    LoopResult,
+    compile_blocks,
+    enable_gradient_checkpointing,
+    heldout_loss,
+    sft_loss,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +186,8 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
         loaded = load_model(cfg.model, device, quantization_config=quantization)
     include_head = cfg.model.include_lm_head or (selection is not None and any(s.block < 0 for s in selection.layers))
     layers = discover_layers(loaded.model, include_head)
+    if cfg.run.gradient_checkpointing or sharding.activation_checkpointing():
+        enable_gradient_checkpointing(loaded.model)
     if selection is None:
         selection = all_layers(layers, cfg.model.name, cfg.lora.r)
     chosen = resolve_selection(selection, layers, cfg.model.name)
@@ -203,6 +212,8 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     if sharding.fsdp_enabled():  # FSDP swaps in sharded parameters: collect them again, before the optimizer
         sharding.shard_if_enabled(model)
         trainable.params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.run.compile:
+        compile_blocks(model)
     optimizer = torch.optim.AdamW(
         trainable.params, lr=cfg.finetune.learning_rate, weight_decay=cfg.finetune.weight_decay
     )  # built after freezing: see docs/peers.md

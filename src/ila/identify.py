@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ila import distributed
+from ila import distributed, sharding
 from ila.config import IdentifyConfig, build_config, config_to_dict, read_yaml
 from ila.errors import IlaError, NonFiniteLossError
 from ila.identify_report import write_identify_report
@@ -33,7 +33,7 @@ from ila.sft_data import SftData, eval_batches, load_sft_data
 from ila.sharding import shard_if_enabled
 from ila.stage1_lora import Stage1Result, run_stage1
 from ila.stage2_mask import Stage2Result, run_stage2
-from ila.training_loop import heldout_loss
+from ila.training_loop import compile_blocks, enable_gradient_checkpointing, heldout_loss
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def prepare_inputs(cfg: IdentifyConfig, timings: Timings) -> tuple[LoadedModel, 
     with timings.measure("load model"):
         loaded = load_model(cfg.model, device)
     layers = discover_layers(loaded.model, cfg.model.include_lm_head)
+    if cfg.run.gradient_checkpointing or sharding.activation_checkpointing():
+        enable_gradient_checkpointing(loaded.model)
     with timings.measure("load data"):
         data = load_sft_data(cfg.data, loaded.tokenizer, cfg.run.seed)
     return loaded, layers, data
@@ -179,6 +181,7 @@ def _execute(
                 device,
                 run_dir / "stage1",
                 cfg.run.checkpoint_every,
+                cfg.run.compile,
             )
         with timings.measure("held-out evaluation"):
             heldout["stage1"] = heldout_loss(peft_model, heldout_batches, device)
@@ -234,6 +237,8 @@ def run_milestone(
     loaded, layers, data = prepare_inputs(cfg, timings)
     out = prepare_run_dir(str(out), "milestone", overwrite)
     peft_model = shard_if_enabled(load_lora(loaded.model, adapter))
+    if cfg.run.compile:
+        compile_blocks(peft_model)
     device = loaded.device
     heldout_batches = eval_batches(data.eval, cfg.stage1.batch_size, int(loaded.tokenizer.pad_token_id))
     heldout = {"base": float("nan")}

@@ -50,6 +50,11 @@ def fsdp_enabled() -> bool:
     return _env_flag("ACCELERATE_USE_FSDP") and distributed.world_size() > 1
 
 
+def activation_checkpointing() -> bool:
+    """The FSDP config's fsdp_activation_checkpointing (ila applies it as run.gradient_checkpointing)."""
+    return fsdp_enabled() and _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
+
+
 def _mixed_precision() -> Any:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 

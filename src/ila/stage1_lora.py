@@ -33,7 +33,7 @@ from ila.lora_adapters import (
 from ila.run_folder import atomic_dir, write_csv
 from ila.sft_data import Example, batch_stream
 from ila.sharding import copy_full_into, full, load_optimizer_state, lora_state_dict, optimizer_state, shard_if_enabled
-from ila.training_loop import LoopResult, sft_loss, train
+from ila.training_loop import LoopResult, compile_blocks, sft_loss, train
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def run_stage1(
     device: torch.device,
     out_dir: Path,
     checkpoint_every: int = 0,
+    compile_model: bool = False,
 ) -> tuple[PeftModel, Stage1Result]:
     """Train LoRA on `layers` and return the PEFT model with its result; artifacts go under `out_dir`.
 
@@ -83,6 +84,8 @@ def run_stage1(
     peft_model = attach_lora(model, layers, lora)  # type: ignore[arg-type]
     peft_model.train()
     shard_if_enabled(peft_model)  # before the optimizer exists: it must hold the sharded parameters
+    if compile_model:
+        compile_blocks(peft_model)
     params = lora_parameters(peft_model, layers)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 

@@ -152,6 +152,37 @@ def train(
     return result
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (transformers' own implementation).
+
+    Non-reentrant checkpointing: with a frozen base model the block inputs need no requires_grad trick. It is
+    active only in train mode, so Stage 2 (eval mode, dropout off) keeps its activations.
+    """
+    lm = unwrap(model)
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        from ila.errors import IlaError
+
+        raise IlaError(f"run.gradient_checkpointing=true, but {type(lm).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile every transformer block in place (regional compilation: one graph reused by all blocks).
+
+    Call it after LoRA is attached and after FSDP sharding, so the compiled graphs see the final modules.
+    """
+    from ila.layers import find_block_list
+
+    _, blocks = find_block_list(unwrap(model))
+    for block in blocks:
+        block.compile()
+    log.info("torch.compile: %d blocks", len(blocks))
+
+
 def _targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
