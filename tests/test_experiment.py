@@ -160,6 +160,9 @@ def test_unit_that_fails_once_is_redone_alone(
         ({"finetune": {"stpes": 2}}, "unknown config key 'finetune.stpes'"),
         ({"identify": {"stage1.max_stpes": 2}}, "unknown config key 'stage1.max_stpes'"),
         ({"methods": ["ila", "magic"]}, "unknown method 'magic'"),
+        # a data set's name becomes a folder name: it must not lead outside the experiment folder
+        ({"datasets": {"../../escape": "b.jsonl"}}, "name '../../escape' is not allowed"),
+        ({"datasets": {"/tmp/abs": "b.jsonl"}}, "name '/tmp/abs' is not allowed"),
     ],
 )
 def test_bad_config_is_one_line_error(

@@ -7,6 +7,7 @@ run) under the experiment folder, skipping units that are already complete, then
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,6 +62,9 @@ class ExperimentFinetune:
                 raise IlaError(f"finetune.rules: unknown rule '{rule}'; allowed: {', '.join(FINETUNE_RULES)}")
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything `ila experiment` needs; paths are resolved against the YAML file's folder."""
@@ -81,6 +85,12 @@ class ExperimentConfig:
 
         if not self.datasets:
             raise IlaError("datasets: give at least one data set (name: path)")
+        for name, _ in self.datasets:  # names become folder names: they must not reach outside the run folder
+            if not _SAFE_NAME.fullmatch(name):
+                raise IlaError(
+                    f"datasets: name {name!r} is not allowed; use letters, digits, '_', '-' and '.' "
+                    "(not starting with '.'), since it names folders inside the experiment folder"
+                )
         if not self.seeds:
             raise IlaError("seeds: give at least one seed")
         if any(not 0 < m <= 100 for m in self.milestones):
@@ -294,6 +304,8 @@ def run_experiment(cfg: ExperimentConfig, output: str | Path | None = None) -> E
     result = ExperimentResult(root)
 
     def unit(folder: Path, work: Callable[[], Any]) -> None:
+        if not folder.resolve().is_relative_to(root.resolve()):  # names are checked; this is the last guard
+            raise IlaError(f"experiment unit {folder} would be written outside {root}")
         if _is_complete(folder):
             result.skipped.append(str(folder))
             return
