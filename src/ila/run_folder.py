@@ -134,11 +134,26 @@ def package_versions() -> dict[str, str]:
 
 
 def peak_memory() -> dict[str, float]:
-    """Peak resident memory of this process (and peak CUDA memory when a GPU was used), in GB."""
-    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    """Peak resident memory of this process (and peak CUDA memory when a GPU was used), in GB.
+
+    Linux's VmHWM is this process's own high-water mark; ru_maxrss, the fallback elsewhere, is inherited across
+    fork, so a small child of a large parent would report the parent's peak.
+    """
+    out = {"peak_rss_gb": _high_water_kib() / 1024**2}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     return out
+
+
+def _high_water_kib() -> float:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 
 
 def hardware() -> dict[str, Any]:
