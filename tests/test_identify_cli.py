@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -419,3 +420,46 @@ def test_non_finite_loss_names_the_step_and_marks_the_run_failed(
     assert manifest["status"] == "failed"
     assert "step 1" in manifest["error"]
     assert not (out / "ranking.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "where"),
+    [
+        (lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of GPU memory"),
+        (lambda: MemoryError(), "out of CPU memory"),
+    ],
+)
+def test_out_of_memory_mid_stage_is_one_line_and_keeps_the_checkpoint(
+    error: Any,
+    where: str,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_data: Path,
+    fast_overrides: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Memory runs out at Stage-1 step 7: one line that says what to lower, the step-5 checkpoint intact."""
+    import ila.stage1_lora
+    from ila.checkpoints import load_checkpoint
+
+    real_loss, calls = ila.stage1_lora.sft_loss, [0]
+
+    def loss_then_oom(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 7:
+            raise error()
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(ila.stage1_lora, "sft_loss", loss_then_oom)
+    out = tmp_path / "run"
+    argv = ["-q", "identify", "--model", str(tiny_model_dir), "--data", str(tiny_data), *fast_overrides]
+    code, _, err = cli(capsys, *argv, "run.checkpoint_every=5", "--output", str(out))
+    line = assert_one_line_error(code, err, where, "batch_size", "run.gradient_checkpointing=true", "--resume")
+    assert "Allocate" not in line  # the suggestion, not torch's message
+    state = load_checkpoint(out / "stage1" / "checkpoint.pt")
+    assert state is not None and state["step"] == 5
+    monkeypatch.undo()
+    code, _, err = cli(capsys, "-q", "identify", "--resume", str(out))
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

@@ -774,10 +774,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         where = "GPU" if "CUDA" in str(err) else "CPU"
         sys.stderr.write(
-            f"ila: error: out of {where} memory; lower the batch size (stage1.batch_size, "
-            "stage2.batch_size, finetune.batch_size) or data.max_length"
-            + (", or use bf16 / gradient checkpointing on the GPU" if where == "GPU" else "")
-            + "\n"
+            f"{error_prefix}ila: error: out of {where} memory; lower the batch size (stage1.batch_size, "
+            "stage2.batch_size, finetune.batch_size) or data.max_length, or set run.gradient_checkpointing=true"
+            + (" (bf16 weights, the default on CUDA, also halve the memory)" if where == "GPU" else "")
+            + "; checkpoints saved so far are intact (ila identify --resume RUN continues)\n"
         )
         return EXIT_USER_ERROR
 
