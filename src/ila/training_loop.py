@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ila import distributed, sharding
-from ila.errors import NonFiniteLossError
+from ila.errors import IlaError, NonFiniteLossError
 from ila.lora_adapters import unwrap
 from ila.sft_data import IGNORE_INDEX, Batch
 
@@ -160,11 +160,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """
     lm = unwrap(model)
     if not getattr(lm, "supports_gradient_checkpointing", False):
-        from ila.errors import IlaError
-
         raise IlaError(f"run.gradient_checkpointing=true, but {type(lm).__name__} does not support it")
     kwargs = {"use_reentrant": False}
-    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
+    if hasattr(lm, "activation_checkpointing_enable"):  # newer transformers renamed it
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
