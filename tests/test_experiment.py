@@ -12,7 +12,7 @@ import ila.identify
 from conftest import make_rows, write_jsonl
 from ila.cli import main
 from ila.errors import IlaError
-from ila.experiment import load_experiment, run_experiment
+from ila.experiment import ablation_table, load_experiment, run_experiment
 
 
 def write_grid(folder: Path, model_dir: Path, data_a: Path) -> Path:
@@ -97,6 +97,7 @@ def test_tiny_grid_end_to_end_rerun_and_resume(
     assert "| a seed 0 | 50% vs final |" in report and "chance level" in report
     assert "| ila-top30 | top | ila | 0.30 |" in report and "| all | all |" in report
     assert (root / "ablation.png").is_file()
+    assert "| fraction | ila |" in report and "| 0.30 | " in report and "| 1.00 | " in report
     assert (root / "identify" / "a-seed0" / "milestone-50" / "ranking.json").is_file()
 
     # again: nothing is recomputed
@@ -185,3 +186,20 @@ def test_paper_small_config_loads() -> None:
     assert cfg.model == "smollm2-135m-instruct" and len(cfg.seeds) == 2
     assert [name for name, _ in cfg.datasets] == ["lima", "alpaca_gpt4", "gsm8k"]
     assert cfg.finetune is not None and cfg.finetune.method == "lora"
+
+
+def test_ablation_table_puts_freeze_bottom_on_the_fraction_axis_and_all_layers_at_one() -> None:
+    def row(method: str, rule: str, fraction: float, loss: float) -> dict[str, object]:
+        return {"method": method, "rule": rule, "fraction": fraction, "loss": loss, "median_step_s": 0.5}
+
+    rows = [
+        row("-", "all", 1.0, 1.0),
+        row("ila", "freeze-bottom", 0.75, 1.1),
+        row("ila", "top", 0.1, 1.3),
+        row("random", "top", 0.1, 1.4),
+    ]
+    table = ablation_table(rows)
+    assert table[0] == "| fraction | ila | random |"
+    assert "| 0.10 | 1.3000 (0.50 s) | 1.4000 (0.50 s) |" in table
+    assert "| 0.75 | 1.1000 (0.50 s) | - |" in table
+    assert "| 1.00 | 1.0000 (0.50 s) | 1.0000 (0.50 s) |" in table

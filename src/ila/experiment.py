@@ -654,14 +654,17 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
             f"{row['layers']} | {num(row['params'], ',')} | {num(row['base_loss'], '.4f')} -> "
             f"{num(row['loss'], '.4f')} | {num(row['median_step_s'], '.3f')} | {num(row['peak_gb'], '.2f')} |"
         )
-    ablation = [r for r in rows if r["rule"] in ("top", "all")]
+    # freeze-bottom f keeps the top 1 - f of the same ranking, so it is one more point on the fraction axis
+    ablation = [r for r in rows if r["rule"] in ("top", "freeze-bottom", "all")]
     if ablation:
         lines += [
             "",
             "### Ablation: selected fraction",
             "",
-            "Held-out loss and median step time against the fraction of layers trained (rule top; "
-            "fraction 1.0 is every layer).",
+            "Held-out loss and median step time against the fraction of layers trained (rule top, and "
+            f"freeze-bottom {ft.freeze_bottom:g} as the top {1 - ft.freeze_bottom:g}; fraction 1.0 is every layer).",
+            "",
+            *ablation_table(ablation),
             "",
             "![ablation](ablation.png)",
             "",
@@ -671,24 +674,44 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _ablation_points(rows: list[dict[str, Any]]) -> dict[str, dict[float, dict[str, Any]]]:
+    """Per ranking method: fraction -> row, sorted by fraction; the all-layers run is every method's 1.0."""
+    full = [r for r in rows if r["rule"] == "all"]
+    methods = sorted({r["method"] for r in rows if r["rule"] != "all"}) or ["-"]
+    out = {}
+    for method in methods:
+        points = [(r["fraction"], r) for r in rows if r["method"] == method and r["rule"] != "all"]
+        out[method] = dict(sorted(points + [(1.0, r) for r in full], key=lambda item: item[0]))
+    return out
+
+
+def ablation_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: one row per fraction, held-out loss per ranking method (median step time in brackets)."""
+    points = _ablation_points(rows)
+    fractions = sorted({f for by_fraction in points.values() for f in by_fraction})
+    lines = ["| fraction | " + " | ".join(points) + " |", "|---|" + "---|" * len(points)]
+    for f in fractions:
+        cells = []
+        for by_fraction in points.values():
+            row = by_fraction.get(f)
+            loss, step = (row or {}).get("loss"), (row or {}).get("median_step_s")
+            cells.append(f"{loss:.4f} ({step:.2f} s)" if loss is not None and step is not None else "-")
+        lines.append(f"| {f:.2f} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def plot_ablation(rows: list[dict[str, Any]], path: Path) -> None:
     """Held-out loss and median step time vs selected fraction, one line per ranking method."""
     import matplotlib.pyplot as plt
 
     from ila.plots import save_figure
 
-    full = [r for r in rows if r["rule"] == "all"]
-    methods = sorted({r["method"] for r in rows if r["rule"] == "top"})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for method in methods or ["-"]:
-        points = sorted(
-            [(r["fraction"], r) for r in rows if r["method"] == method and r["rule"] == "top"]
-            + [(1.0, r) for r in full],
-            key=lambda item: item[0],
-        )
-        xs = [f for f, _ in points]
+    for method, points in _ablation_points(rows).items():
+        xs = list(points)
         for ax, key in zip(axes, ("loss", "median_step_s"), strict=True):
-            ax.plot(xs, [r[key] if r[key] is not None else float("nan") for _, r in points], marker="o", label=method)
+            ys = [points[f][key] if points[f][key] is not None else float("nan") for f in xs]
+            ax.plot(xs, ys, marker="o", label=method)
     axes[0].set_ylabel("held-out loss")
     axes[1].set_ylabel("median step (s)")
     for ax in axes:
