@@ -12,7 +12,7 @@ import ila.identify
 from conftest import make_rows, write_jsonl
 from ila.cli import main
 from ila.errors import IlaError
-from ila.experiment import ablation_table, load_experiment, run_experiment
+from ila.experiment import ablation_table, load_experiment, paired_differences, run_experiment
 
 
 def write_grid(folder: Path, model_dir: Path, data_a: Path) -> Path:
@@ -203,3 +203,43 @@ def test_ablation_table_puts_freeze_bottom_on_the_fraction_axis_and_all_layers_a
     assert "| 0.10 | 1.3000 (0.50 s) | 1.4000 (0.50 s) |" in table
     assert "| 0.75 | 1.1000 (0.50 s) | - |" in table
     assert "| 1.00 | 1.0000 (0.50 s) | 1.0000 (0.50 s) |" in table
+
+
+def test_train_seeds_added_later_reuse_the_first_runs_and_pair_the_baselines(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, counted: dict[str, int]
+) -> None:
+    import json
+
+    raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
+    raw.update(seeds=[0], methods=["ila", "random"], milestones=[100])
+    raw["finetune"].update(rules=["top"], methods=["ila", "random"])
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    root = tmp_path / "exp"
+    run_experiment(load_experiment(path), root)
+    assert counted["finetune"] == 2
+
+    raw["finetune"]["train_seeds"] = [0, 1]
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    result = run_experiment(load_experiment(path), root)
+    assert counted["finetune"] == 4  # only the seed-1 runs are new
+    assert sorted(Path(p).name for p in result.computed) == ["ila-top30-train-seed1", "random-top30-train-seed1"]
+    runs = json.loads((root / "finetune.json").read_text(encoding="utf-8"))
+    loss = {(r["method"], r["train_seed"]): r["loss"] for r in runs}
+    assert loss[("ila", 0)] != loss[("ila", 1)]  # the train seed reaches the run
+    diffs = [loss[("ila", s)] - loss[("random", s)] for s in (0, 1)]
+    report = (root / "report.md").read_text(encoding="utf-8")
+    assert "### ila against the baselines" in report and "mean over train seeds 0, 1" in report
+    wins = sum(d < 0 for d in diffs)
+    row = f"| top 0.30 | random | {sum(diffs) / 2:+.4f} | {diffs[0]:+.4f}, {diffs[1]:+.4f} | {wins}/2 |"
+    assert row in report
+
+
+def test_paired_differences_pair_by_seed_and_count_wins() -> None:
+    def row(method: str, seed: int, loss: float) -> dict[str, object]:
+        return {"method": method, "rule": "top", "fraction": 0.3, "train_seed": seed, "loss": loss}
+
+    rows = [row("ila", 0, 1.0), row("ila", 1, 2.0), row("last", 0, 1.5), row("last", 1, 1.75), row("random", 0, 0.5)]
+    lines = paired_differences(rows)
+    assert "| top 0.30 | last | -0.1250 | -0.5000, +0.2500 | 1/2 |" in lines
+    assert "| top 0.30 | random | +0.5000 | +0.5000 | 0/1 |" in lines  # only the seed both have

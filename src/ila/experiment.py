@@ -10,6 +10,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import product
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,9 @@ class ExperimentFinetune:
     methods: tuple[str, ...] = ()  # ranking methods whose rankings select layers; default: every method
     data: str | None = None  # the data set (name) trained on and ranked on; default: the first
     seed: int | None = None  # the seed whose rankings select; default: the first
+    # Training seeds (data split and order, adapter init): each unit runs once per seed with the same selection,
+    # so method differences can be read against the seed-to-seed spread. Default: the ranking seed alone.
+    train_seeds: tuple[int, ...] = ()
     overrides: tuple[str, ...] = ()  # FinetuneConfig `section.key=value` (from a mapping of dotted keys)
 
     def __post_init__(self) -> None:
@@ -57,6 +61,8 @@ class ExperimentFinetune:
             raise IlaError(f"finetune.fractions={list(self.fractions)} must be fractions in (0, 1]")
         if not 0 <= self.freeze_bottom < 1:
             raise IlaError(f"finetune.freeze_bottom={self.freeze_bottom} must lie in [0, 1)")
+        if len(set(self.train_seeds)) != len(self.train_seeds):
+            raise IlaError(f"finetune.train_seeds={list(self.train_seeds)} lists a seed twice")
         for rule in self.rules:
             if rule not in FINETUNE_RULES:
                 raise IlaError(f"finetune.rules: unknown rule '{rule}'; allowed: {', '.join(FINETUNE_RULES)}")
@@ -220,14 +226,17 @@ def identify_config(cfg: ExperimentConfig, data_path: str, seed: int, output: st
         raise IlaError(f"identify: {err}") from None
 
 
-def finetune_config(cfg: ExperimentConfig, output: str, selection: str | None) -> FinetuneConfig:
+def finetune_config(
+    cfg: ExperimentConfig, output: str, selection: str | None, train_seed: int | None = None
+) -> FinetuneConfig:
     """The FinetuneConfig of one finetune unit; data and LoRA settings follow the identify overrides."""
     assert cfg.finetune is not None
     ft = cfg.finetune
     shared = parse_overrides([f"identify.{item}" for item in cfg.identify]).get("identify", {})
     values: dict[str, Any] = {key: shared[key] for key in ("data", "lora") if key in shared}
     values = merge(values, parse_overrides([f"finetune.{item}" for item in ft.overrides]).get("finetune", {}))
-    run: dict[str, Any] = {"seed": _finetune_seed(cfg), "output": output}
+    seed = _finetune_seed(cfg) if train_seed is None else train_seed
+    run: dict[str, Any] = {"seed": seed, "output": output}
     if cfg.threads:
         run["threads"] = cfg.threads
     values = merge(
@@ -253,6 +262,17 @@ def _finetune_data(cfg: ExperimentConfig) -> str:
 def _finetune_seed(cfg: ExperimentConfig) -> int:
     assert cfg.finetune is not None
     return cfg.finetune.seed if cfg.finetune.seed is not None else cfg.seeds[0]
+
+
+def train_seeds(cfg: ExperimentConfig) -> tuple[int, ...]:
+    assert cfg.finetune is not None
+    return cfg.finetune.train_seeds or (_finetune_seed(cfg),)
+
+
+def finetune_folder(cfg: ExperimentConfig, root: Path, name: str, train_seed: int) -> Path:
+    """The run at the ranking seed keeps the plain unit name, so adding train seeds later reuses it."""
+    suffix = "" if train_seed == _finetune_seed(cfg) else f"-train-seed{train_seed}"
+    return root / "finetune" / f"{name}{suffix}"
 
 
 # ------------------------------------------------------------------------------------------- units and folders
@@ -442,8 +462,8 @@ def _finetune_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Cal
     assert cfg.finetune is not None
     data, seed = _finetune_data(cfg), _finetune_seed(cfg)
     selections = root / "finetune" / "selections"
-    for name, method, rule, fraction in finetune_units(cfg):
-        folder = root / "finetune" / name
+    for (name, method, rule, fraction), train_seed in product(finetune_units(cfg), train_seeds(cfg)):
+        folder = finetune_folder(cfg, root, name, train_seed)
 
         def work(
             name: str = name,
@@ -451,6 +471,7 @@ def _finetune_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Cal
             rule: str = rule,
             fraction: float | None = fraction,
             folder: Path = folder,
+            train_seed: int = train_seed,
         ) -> None:
             selection_path = None
             if method is not None:
@@ -464,7 +485,7 @@ def _finetune_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Cal
                 selection_path = selections / f"{name}.json"
                 selection.save(selection_path)
             run_finetune(
-                finetune_config(cfg, str(folder), str(selection_path) if selection_path else None),
+                finetune_config(cfg, str(folder), str(selection_path) if selection_path else None, train_seed),
                 overwrite=True,
                 command="ila experiment",
             )
@@ -602,12 +623,12 @@ def write_report(cfg: ExperimentConfig, root: Path, result: ExperimentResult | N
 
 
 def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
-    """One row per complete finetune unit: rule, ranking, fraction, layers, parameters, loss, step time, memory."""
+    """One row per complete finetune run (unit x train seed): rule, ranking, fraction, layers, loss, cost."""
     import json
 
     rows = []
-    for name, method, rule, fraction in finetune_units(cfg):
-        folder = root / "finetune" / name
+    for (name, method, rule, fraction), train_seed in product(finetune_units(cfg), train_seeds(cfg)):
+        folder = finetune_folder(cfg, root, name, train_seed)
         if not _is_complete(folder):
             continue
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
@@ -616,6 +637,7 @@ def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "unit": name,
+                "train_seed": train_seed,
                 "method": method or "-",
                 "rule": rule,
                 "fraction": fraction,
@@ -630,15 +652,80 @@ def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def mean_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per unit: losses averaged over its train seeds (listed in `losses`), step time their median."""
+    from statistics import mean, median
+
+    by_unit: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_unit.setdefault(row["unit"], []).append(row)
+    out = []
+    for runs in by_unit.values():
+        losses = [r["loss"] for r in runs if r["loss"] is not None]
+        bases = [r["base_loss"] for r in runs if r["base_loss"] is not None]
+        steps = [r["median_step_s"] for r in runs if r["median_step_s"] is not None]
+        out.append(
+            {
+                **runs[0],
+                "train_seed": None,
+                "losses": losses,
+                "loss": mean(losses) if losses else None,
+                "base_loss": mean(bases) if bases else None,
+                "median_step_s": median(steps) if steps else None,
+                "peak_gb": max(r["peak_gb"] for r in runs),
+            }
+        )
+    return out
+
+
+def paired_differences(rows: list[dict[str, Any]], method: str = ILA) -> list[str]:
+    """Markdown: `method` minus each other ranking at the same rule and fraction, paired by train seed."""
+    loss = {(r["method"], r["rule"], r["fraction"], r["train_seed"]): r["loss"] for r in rows if r["loss"] is not None}
+    lines = []
+    for rule, fraction in sorted({(r["rule"], r["fraction"]) for r in rows if r["method"] == method}):
+        for other in sorted({r["method"] for r in rows if r["method"] not in (method, "-")}):
+            mine = {s for (m, ru, f, s) in loss if (m, ru, f) == (method, rule, fraction)}
+            seeds = sorted(s for s in mine if (other, rule, fraction, s) in loss)
+            if not seeds:
+                continue
+            diffs = [loss[(method, rule, fraction, s)] - loss[(other, rule, fraction, s)] for s in seeds]
+            wins = sum(d < 0 for d in diffs)
+            values = ", ".join(f"{d:+.4f}" for d in diffs)
+            lines.append(
+                f"| {rule} {fraction:.2f} | {other} | {sum(diffs) / len(diffs):+.4f} | {values} | {wins}/{len(diffs)} |"
+            )
+    if not lines:
+        return []
+    return [
+        f"### {method} against the baselines",
+        "",
+        f"Held-out loss of {method}'s selection minus the baseline's at the same rule and fraction, paired by train "
+        f"seed (same data split and order); negative means {method} is better. The spread across seeds is the noise "
+        "floor a difference has to clear.",
+        "",
+        "| rule, fraction | baseline | mean difference | per train seed | seeds where " + method + " is lower |",
+        "|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
 def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
     assert cfg.finetune is not None
-    rows = finetune_rows(cfg, root)
+    runs = finetune_rows(cfg, root)
+    rows = mean_over_seeds(runs)
     ft = cfg.finetune
+    seeds = train_seeds(cfg)
+    seed_note = (
+        f"train seed {seeds[0]}"
+        if len(seeds) == 1
+        else f"mean over train seeds {', '.join(map(str, seeds))}; the values per seed in brackets"
+    )
     lines = [
         "## Fine-tuning",
         "",
         f"{ft.method}, {ft.steps} steps each, from the base model on {_finetune_data(cfg)} (rankings of seed "
-        f"{_finetune_seed(cfg)}). Held-out loss: base -> after training.",
+        f"{_finetune_seed(cfg)}). Held-out loss: base -> after training ({seed_note}).",
         "",
         "| unit | rule | ranking | fraction | layers | trainable params | held-out loss | median step s | "
         "peak memory GB |",
@@ -649,28 +736,30 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
     for row in rows:
+        each = f" ({', '.join(f'{v:.4f}' for v in row['losses'])})" if len(row["losses"]) > 1 else ""
         lines.append(
             f"| {row['unit']} | {row['rule']} | {row['method']} | {num(row['fraction'], '.2f')} | "
             f"{row['layers']} | {num(row['params'], ',')} | {num(row['base_loss'], '.4f')} -> "
-            f"{num(row['loss'], '.4f')} | {num(row['median_step_s'], '.3f')} | {num(row['peak_gb'], '.2f')} |"
+            f"{num(row['loss'], '.4f')}{each} | {num(row['median_step_s'], '.3f')} | {num(row['peak_gb'], '.2f')} |"
         )
+    lines.append("")
+    lines += paired_differences(runs)
     # freeze-bottom f keeps the top 1 - f of the same ranking, so it is one more point on the fraction axis
     ablation = [r for r in rows if r["rule"] in ("top", "freeze-bottom", "all")]
     if ablation:
         lines += [
-            "",
             "### Ablation: selected fraction",
             "",
             "Held-out loss and median step time against the fraction of layers trained (rule top, and "
             f"freeze-bottom {ft.freeze_bottom:g} as the top {1 - ft.freeze_bottom:g}; fraction 1.0 is every layer).",
             "",
             *ablation_table(ablation),
-            "",
             "![ablation](ablation.png)",
             "",
         ]
         plot_ablation(ablation, root / "ablation.png")
-        write_json(root / "finetune.json", rows)
+    if runs:
+        write_json(root / "finetune.json", runs)
     return [*lines, ""]
 
 
