@@ -317,3 +317,17 @@ def test_rank_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "usage: ila rank" in out and "examples:" in out and "delta-norm" in out
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="VmHWM reset needs Linux /proc")
+def test_each_run_reports_its_own_peak_not_the_process_peak(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # ila experiment runs many units in one process: an earlier, larger one must not set every later unit's peak
+    from ila.run_folder import peak_memory
+
+    big = torch.ones(512, 1024, 1024)  # 2 GiB, touched, then freed
+    del big
+    process_peak = peak_memory()["peak_rss_gb"]
+    result = run_rank("last", str(tiny_model_dir), output=str(tmp_path / "last"))
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert process_peak > 2.0
+    assert manifest["memory"]["peak_rss_gb"] < process_peak - 1.5

@@ -36,7 +36,7 @@ from ila.lora_adapters import (
     update_sq_norms,
 )
 from ila.ranking import Ranking, rank_layers
-from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, write_json
+from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, reset_peak_memory, write_json
 from ila.sft_data import Example, batch_stream
 from ila.training_loop import sft_loss
 
@@ -444,6 +444,7 @@ def run_rank(
     settings = settings or BaselineSettings()
     if threads:
         torch.set_num_threads(threads)
+    reset_peak_memory()
     started = time.perf_counter()
     timings: dict[str, float] = {}
     if method != "delta-norm" and adapter is not None:

@@ -31,7 +31,7 @@ from ila.errors import IlaError
 from ila.identify import Timings
 from ila.lora_adapters import load_lora, unwrap
 from ila.model_loading import LoadedModel, load_model, pick_device
-from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, write_json
+from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, reset_peak_memory, write_json
 from ila.sft_data import IGNORE_INDEX, Example, eval_batches, load_sft_data
 from ila.training_loop import heldout_loss
 
@@ -619,6 +619,7 @@ def run_evaluate(
     `ask` replaces the HTTP judge (tests pass a local function); by default the judge is evaluate.judge_url.
     """
     settings = cfg.evaluate
+    reset_peak_memory()
     timings = Timings()
     started = time.perf_counter()
     if settings.adapter:

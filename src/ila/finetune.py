@@ -44,6 +44,7 @@ from ila.run_folder import (
     package_versions,
     peak_memory,
     prepare_run_dir,
+    reset_peak_memory,
     write_csv,
     write_json,
     write_yaml,
@@ -175,6 +176,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     """Train the selected layers from the base model on a fresh run folder; returns the trained model and numbers."""
     check_method_available(cfg)
     selection = load_selection(cfg.finetune.selection) if cfg.finetune.selection else None
+    reset_peak_memory()
     timings = Timings()
     started = time.perf_counter()
     if cfg.run.threads:

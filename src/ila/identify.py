@@ -28,7 +28,15 @@ from ila.lora_adapters import LayerMask, load_lora
 from ila.model_loading import LoadedModel, load_model, pick_device
 from ila.plots import plot_heatmap
 from ila.ranking import Ranking, rank_layers
-from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, write_json, write_yaml
+from ila.run_folder import (
+    hardware,
+    package_versions,
+    peak_memory,
+    prepare_run_dir,
+    reset_peak_memory,
+    write_json,
+    write_yaml,
+)
 from ila.sft_data import SftData, eval_batches, load_sft_data
 from ila.sharding import shard_if_enabled
 from ila.stage1_lora import Stage1Result, run_stage1
@@ -119,6 +127,7 @@ def _stage2_and_rank(
 
 def run_identify(cfg: IdentifyConfig, overwrite: bool = False, command: str = "") -> IdentifyResult:
     """Stage 1 + Stage 2 on a fresh run folder; returns the ranking and what was measured."""
+    reset_peak_memory()
     timings = Timings()
     started = time.perf_counter()
     loaded, layers, data = prepare_inputs(cfg, timings)
@@ -141,6 +150,7 @@ def resume_identify(run_dir: Path, command: str = "") -> IdentifyResult:
     if previous.get("status") == "complete":
         raise IlaError(f"{run_dir} is already complete; nothing to resume")
     cfg = build_config(IdentifyConfig, read_yaml(run_dir / "config.yaml"))
+    reset_peak_memory()
     timings = Timings()
     started = time.perf_counter()
     loaded, layers, data = prepare_inputs(cfg, timings)
@@ -232,6 +242,7 @@ def run_milestone(
     cfg = build_config(IdentifyConfig, values)
     out = run_dir / f"milestone-{milestone}"
     cfg = replace(cfg, run=replace(cfg.run, output=str(out)))
+    reset_peak_memory()
     timings = Timings()
     started = time.perf_counter()
     loaded, layers, data = prepare_inputs(cfg, timings)
