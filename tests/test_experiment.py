@@ -95,6 +95,7 @@ def test_tiny_grid_end_to_end_rerun_and_resume(
         assert heading in report
     assert "| seed 0 | a vs b |" in report and "| a | seed 0 vs seed 1 |" in report
     assert "| a seed 0 | 50% vs final |" in report and "chance level" in report
+    assert "## ila against the other methods" in report and "| last | ila b seed 1 vs last |" in report
     assert "| ila-top30 | top | ila | 0.30 |" in report and "| all | all |" in report
     assert (root / "ablation.png").is_file()
     assert "| fraction | ila |" in report and "| 0.30 | " in report and "| 1.00 | " in report

@@ -614,12 +614,42 @@ def write_report(cfg: ExperimentConfig, root: Path, result: ExperimentResult | N
             lines += ["| chance level | | " + " | ".join(chance) + " | 0 |", ""]
         elif method not in MILESTONE_METHODS:
             lines += [f"{method} does not read the Stage-1 update: no milestone comparison.", ""]
+    if ILA in cfg.methods and len(cfg.methods) > 1:
+        lines += _against_methods(cfg, root, names, saved)
     if cfg.finetune is not None:
         lines += finetune_section(cfg, root)
     if result is not None and result.missing:
         lines += ["## Missing units", ""] + [f"- {item}" for item in result.missing] + [""]
     write_json(root / "comparisons.json", saved)
     return "\n".join(lines)
+
+
+def _against_methods(cfg: ExperimentConfig, root: Path, names: list[str], saved: dict[str, Any]) -> list[str]:
+    """ILA's final ranking against each other method's on the same data set and seed."""
+    lines = [
+        "## ila against the other methods",
+        "",
+        "ILA's final ranking against each other method's on the same data set and seed: how much of ILA's "
+        "selection a cheaper rule picks anyway (high overlap with last or first means ILA mostly finds depth).",
+        "",
+    ]
+    head = " | ".join(f"top {k:g}%" for k in cfg.k_percents)
+    lines += [f"| method | pair | {head} | Spearman |", "|---" * (len(cfg.k_percents) + 3) + "|"]
+    chance: list[str] = []
+    for other in [m for m in cfg.methods if m != ILA]:
+        for name in names:
+            for seed in cfg.seeds:
+                ila_ranking, theirs = (
+                    _load(ranking_dir(root, ILA, name, seed)),
+                    _load(ranking_dir(root, other, name, seed)),
+                )
+                if ila_ranking is None or theirs is None:
+                    continue
+                rows, data = _overlap_rows(cfg, [ila_ranking, theirs], [f"ila {name} seed {seed}", other], other)
+                lines += rows
+                saved[f"ila-vs/{other}/{name}/seed{seed}"] = data
+                chance = [f"{level['chance_jaccard']:.3f}" for level in data["k"]]
+    return [*lines, "| chance level | | " + " | ".join(chance) + " | 0 |", ""]
 
 
 def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
