@@ -97,7 +97,8 @@ def test_tiny_grid_end_to_end_rerun_and_resume(
     assert "| a seed 0 | 50% vs final |" in report and "chance level" in report
     assert "## ila against the other methods" in report and "| last | ila b seed 1 vs last |" in report
     assert "| ila-top30 | top | ila | 0.30 |" in report and "| all | all |" in report
-    assert (root / "ablation.png").is_file()
+    assert (root / "ablation.png").is_file() and (root / "overlap.png").is_file() and (root / "profiles.png").is_file()
+    assert "## Overview" in report
     assert "| fraction | ila |" in report and "| 0.30 | " in report and "| 1.00 | " in report
     assert (root / "identify" / "a-seed0" / "milestone-50" / "ranking.json").is_file()
 

@@ -560,6 +560,7 @@ def write_report(cfg: ExperimentConfig, root: Path, result: ExperimentResult | N
         "",
     ]
     saved: dict[str, Any] = {}
+    lines += _overview(cfg, root, names)
     for method in cfg.methods:
         lines += [f"## {method}", ""]
         if method in DATA_FREE:
@@ -622,6 +623,43 @@ def write_report(cfg: ExperimentConfig, root: Path, result: ExperimentResult | N
         lines += ["## Missing units", ""] + [f"- {item}" for item in result.missing] + [""]
     write_json(root / "comparisons.json", saved)
     return "\n".join(lines)
+
+
+def _overview(cfg: ExperimentConfig, root: Path, names: list[str]) -> list[str]:
+    """Two figures over the first seed: every final ranking's top-30% overlap, and ILA's score profiles by depth."""
+    from ila.compare import compare_rankings, plot_overlap, plot_profiles
+
+    seed = cfg.seeds[0]
+    found: list[tuple[str, Ranking]] = []
+    for method in cfg.methods:
+        for name in names[:1] if method in DATA_FREE else names:
+            ranking = _load(ranking_dir(root, method, name, seed))
+            if ranking is not None:
+                label = method if method in SEED_FREE else f"{method} seed {seed}" if method in DATA_FREE else ""
+                found.append((label or f"{method} {name}", ranking))
+    if len(found) < 2:
+        return []
+    comparison = compare_rankings([r for _, r in found], [label for label, _ in found], cfg.k_percents, 30.0)
+    plot_overlap(comparison, root / "overlap.png")
+    lines = [
+        "## Overview",
+        "",
+        f"Top-30% overlap of every final ranking of seed {seed} (Jaccard in the cells):",
+        "",
+        "![overlap](overlap.png)",
+        "",
+    ]
+    ila_rankings = [(name, _load(ranking_dir(root, ILA, name, seed))) for name in names] if ILA in cfg.methods else []
+    ila_found = [(name, r) for name, r in ila_rankings if r is not None]
+    if ila_found:
+        plot_profiles([r for _, r in ila_found], [f"ila {name}" for name, _ in ila_found], root / "profiles.png")
+        lines += [
+            f"ILA's scores by depth for each module type, per data set (seed {seed}):",
+            "",
+            "![profiles](profiles.png)",
+            "",
+        ]
+    return lines
 
 
 def _against_methods(cfg: ExperimentConfig, root: Path, names: list[str], saved: dict[str, Any]) -> list[str]:
