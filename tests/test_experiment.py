@@ -13,6 +13,7 @@ from conftest import make_rows, write_jsonl
 from ila.cli import main
 from ila.errors import IlaError
 from ila.experiment import ablation_table, load_experiment, paired_differences, run_experiment
+from ila.ranking import load_ranking
 
 
 def write_grid(folder: Path, model_dir: Path, data_a: Path) -> Path:
@@ -163,6 +164,7 @@ def test_unit_that_fails_once_is_redone_alone(
         ({"finetune": {"stpes": 2}}, "unknown config key 'finetune.stpes'"),
         ({"identify": {"stage1.max_stpes": 2}}, "unknown config key 'stage1.max_stpes'"),
         ({"methods": ["ila", "magic"]}, "unknown method 'magic'"),
+        ({"finetune": {"ranked_on": ["zzz"]}}, "finetune.ranked_on: 'zzz' is not a data set"),
         # a data set's name becomes a folder name: it must not lead outside the experiment folder
         ({"datasets": {"../../escape": "b.jsonl"}}, "name '../../escape' is not allowed"),
         ({"datasets": {"/tmp/abs": "b.jsonl"}}, "name '/tmp/abs' is not allowed"),
@@ -245,3 +247,34 @@ def test_paired_differences_pair_by_seed_and_count_wins() -> None:
     lines = paired_differences(rows)
     assert "| top 0.30 | last | -0.1250 | -0.5000, +0.2500 | 1/2 |" in lines
     assert "| top 0.30 | random | +0.5000 | +0.5000 | 0/1 |" in lines  # only the seed both have
+
+
+def test_rankings_from_another_data_set_select_for_the_transfer_test(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, counted: dict[str, int]
+) -> None:
+    import json
+
+    raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
+    raw.update(seeds=[0], methods=["ila", "random"], milestones=[100])
+    raw["finetune"].update(rules=["top"], methods=["ila", "random"], data="a", ranked_on=["b", "a"])
+    path = tmp_path / "transfer.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    root = tmp_path / "exp"
+    run_experiment(load_experiment(path), root)
+    # random reads no data: its ranking on b is its ranking on a, so only ila gets a transfer unit
+    assert counted["finetune"] == 3
+    assert sorted(p.name for p in (root / "finetune").iterdir() if p.name != "selections") == [
+        "ila-top30",
+        "ila-top30-from-b",
+        "random-top30",
+    ]
+    chosen = json.loads((root / "finetune" / "ila-top30-from-b" / "selection.json").read_text(encoding="utf-8"))
+    ranking_b = load_ranking(root / "identify" / "b-seed0" / "ranking.json")
+    top = {e.name for e in ranking_b.layers[: chosen["n_selected"]]}
+    assert {layer["name"] for layer in chosen["layers"]} == top  # b's ranking selected, a's data trained
+    ranking_a = load_ranking(root / "identify" / "a-seed0" / "ranking.json")
+    assert {e.name for e in ranking_a.layers[: chosen["n_selected"]]} != top  # so a's would have chosen otherwise
+    manifest = json.loads((root / "finetune" / "ila-top30-from-b" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["data"]["source"] == str(tiny_data.resolve())
+    report = (root / "report.md").read_text(encoding="utf-8")
+    assert "| ila-top30-from-b | top | ila from b | 0.30 |" in report and "| top 0.30 | ila from b |" in report

@@ -49,6 +49,9 @@ class ExperimentFinetune:
     methods: tuple[str, ...] = ()  # ranking methods whose rankings select layers; default: every method
     data: str | None = None  # the data set (name) trained on and ranked on; default: the first
     seed: int | None = None  # the seed whose rankings select; default: the first
+    # Data sets whose rankings select (the transfer test: a ranking from one data set, fine-tuned on another).
+    # Default: the fine-tuning data set alone. Data-free methods rank alike everywhere and run once.
+    ranked_on: tuple[str, ...] = ()
     # Training seeds (data split and order, adapter init): each unit runs once per seed with the same selection,
     # so method differences can be read against the seed-to-seed spread. Default: the ranking seed alone.
     train_seeds: tuple[int, ...] = ()
@@ -110,6 +113,9 @@ class ExperimentConfig:
             names = [name for name, _ in self.datasets]
             if self.finetune.data is not None and self.finetune.data not in names:
                 raise IlaError(f"finetune.data={self.finetune.data!r} is not a data set; allowed: {', '.join(names)}")
+            for name in self.finetune.ranked_on:
+                if name not in names:
+                    raise IlaError(f"finetune.ranked_on: {name!r} is not a data set; allowed: {', '.join(names)}")
             if self.finetune.seed is not None and self.finetune.seed not in self.seeds:
                 raise IlaError(f"finetune.seed={self.finetune.seed} is not one of seeds {list(self.seeds)}")
             for method in self.finetune.methods:
@@ -432,26 +438,40 @@ def _baseline_units(
             unit(folder, work)
 
 
-def finetune_units(cfg: ExperimentConfig) -> list[tuple[str, str | None, str, float | None]]:
-    """(folder name, ranking method, rule, fraction) of every finetune unit, in report order."""
+@dataclass(frozen=True)
+class FinetuneUnit:
+    name: str  # folder name under finetune/
+    method: str | None  # the ranking method that selects; None: every layer
+    rule: str
+    fraction: float  # of the layers trained
+    ranked_on: str  # the data set whose ranking selects
+    label: str  # the ranking as tables name it: the method, and its data set when that is not the trained one
+
+
+def finetune_units(cfg: ExperimentConfig) -> list[FinetuneUnit]:
+    """Every finetune unit, in report order: all layers, then per ranking (own data set first) its rules."""
     assert cfg.finetune is not None
     ft = cfg.finetune
+    data = _finetune_data(cfg)
     methods = ft.methods or cfg.methods
-    out: list[tuple[str, str | None, str, float | None]] = []
+    out: list[FinetuneUnit] = []
     if "all" in ft.rules:
-        out.append(("all", None, "all", 1.0))
-    for method in methods:
-        if "freeze-bottom" in ft.rules:
-            out.append(
-                (
-                    f"{method}-freeze-bottom{round(ft.freeze_bottom * 100)}",
-                    method,
-                    "freeze-bottom",
-                    1.0 - ft.freeze_bottom,
-                )
-            )
-        if "top" in ft.rules:
-            out += [(f"{method}-top{round(f * 100)}", method, "top", f) for f in ft.fractions if f < 1.0]
+        out.append(FinetuneUnit("all", None, "all", 1.0, data, "-"))
+    for ranked_on in sorted(ft.ranked_on or (data,), key=lambda name: name != data):  # stable: own data first
+        for method in methods:
+            if ranked_on != data and method in DATA_FREE:
+                continue  # the same ranking as on the fine-tuning data
+            suffix = "" if ranked_on == data else f"-from-{ranked_on}"
+            label = method if ranked_on == data else f"{method} from {ranked_on}"
+            if "freeze-bottom" in ft.rules:
+                name = f"{method}-freeze-bottom{round(ft.freeze_bottom * 100)}{suffix}"
+                out.append(FinetuneUnit(name, method, "freeze-bottom", 1.0 - ft.freeze_bottom, ranked_on, label))
+            if "top" in ft.rules:
+                out += [
+                    FinetuneUnit(f"{method}-top{round(f * 100)}{suffix}", method, "top", f, ranked_on, label)
+                    for f in ft.fractions
+                    if f < 1.0
+                ]
     return out
 
 
@@ -460,29 +480,22 @@ def _finetune_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Cal
     from ila.selection import SelectionRule, select_from_file
 
     assert cfg.finetune is not None
-    data, seed = _finetune_data(cfg), _finetune_seed(cfg)
+    ft, seed = cfg.finetune, _finetune_seed(cfg)
     selections = root / "finetune" / "selections"
-    for (name, method, rule, fraction), train_seed in product(finetune_units(cfg), train_seeds(cfg)):
-        folder = finetune_folder(cfg, root, name, train_seed)
+    for each, train_seed in product(finetune_units(cfg), train_seeds(cfg)):
+        folder = finetune_folder(cfg, root, each.name, train_seed)
 
-        def work(
-            name: str = name,
-            method: str | None = method,
-            rule: str = rule,
-            fraction: float | None = fraction,
-            folder: Path = folder,
-            train_seed: int = train_seed,
-        ) -> None:
+        def work(each: FinetuneUnit = each, folder: Path = folder, train_seed: int = train_seed) -> None:
             selection_path = None
-            if method is not None:
-                ranking = ranking_dir(root, method, data, seed) / "ranking.json"
-                if rule == "top":
-                    chosen = SelectionRule("top_fraction", fraction)
+            if each.method is not None:
+                ranking = ranking_dir(root, each.method, each.ranked_on, seed) / "ranking.json"
+                if each.rule == "top":
+                    chosen = SelectionRule("top_fraction", each.fraction)
                 else:
-                    chosen = SelectionRule("freeze_bottom", cfg.finetune.freeze_bottom if cfg.finetune else 0.0)
+                    chosen = SelectionRule("freeze_bottom", ft.freeze_bottom)
                 selection = select_from_file(ranking, chosen, cfg.model)
                 selections.mkdir(parents=True, exist_ok=True)
-                selection_path = selections / f"{name}.json"
+                selection_path = selections / f"{each.name}.json"
                 selection.save(selection_path)
             run_finetune(
                 finetune_config(cfg, str(folder), str(selection_path) if selection_path else None, train_seed),
@@ -695,8 +708,8 @@ def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
     import json
 
     rows = []
-    for (name, method, rule, fraction), train_seed in product(finetune_units(cfg), train_seeds(cfg)):
-        folder = finetune_folder(cfg, root, name, train_seed)
+    for each, train_seed in product(finetune_units(cfg), train_seeds(cfg)):
+        folder = finetune_folder(cfg, root, each.name, train_seed)
         if not _is_complete(folder):
             continue
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
@@ -704,11 +717,11 @@ def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
         heldout = manifest.get("heldout_loss") or [{}]
         rows.append(
             {
-                "unit": name,
+                "unit": each.name,
                 "train_seed": train_seed,
-                "method": method or "-",
-                "rule": rule,
-                "fraction": fraction,
+                "method": each.label,
+                "rule": each.rule,
+                "fraction": each.fraction,
                 "layers": f"{selection.get('n_selected')}/{selection.get('n_layers')}",
                 "lowest_block": selection.get("lowest_block"),
                 "params": manifest.get("trainable_params", {}).get("count"),
@@ -796,6 +809,15 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
         f"{ft.method}, {ft.steps} steps each, from the base model on {_finetune_data(cfg)} (rankings of seed "
         f"{_finetune_seed(cfg)}). Held-out loss: base -> after training ({seed_note}).",
         "",
+        *(
+            [
+                f"'METHOD from DATA': that method's ranking on another data set, fine-tuned on {_finetune_data(cfg)} "
+                "(does a ranking carry over?).",
+                "",
+            ]
+            if any(name != _finetune_data(cfg) for name in ft.ranked_on)
+            else []
+        ),
         "Backward has to reach the lowest selected block, so a step's cost follows that block more than the "
         "number of layers.",
         "",
