@@ -644,15 +644,24 @@ def _overview(cfg: ExperimentConfig, root: Path, names: list[str]) -> list[str]:
 
     seed = cfg.seeds[0]
     found: list[tuple[str, Ranking]] = []
+    ila_found: list[tuple[str, Ranking]] = []  # (data set, ranking) for the profiles
     for method in cfg.methods:
         for name in names[:1] if method in DATA_FREE else names:
             ranking = _load(ranking_dir(root, method, name, seed))
-            if ranking is not None:
-                label = method if method in SEED_FREE else f"{method} seed {seed}" if method in DATA_FREE else ""
-                found.append((label or f"{method} {name}", ranking))
+            if ranking is None:
+                continue
+            if method in SEED_FREE:
+                label = method
+            elif method in DATA_FREE:
+                label = f"{method} seed {seed}"
+            else:
+                label = f"{method} {name}"
+            found.append((label, ranking))
+            if method == ILA:
+                ila_found.append((name, ranking))
     if len(found) < 2:
         return []
-    comparison = compare_rankings([r for _, r in found], [label for label, _ in found], cfg.k_percents, 30.0)
+    comparison = compare_rankings([r for _, r in found], [label for label, _ in found], [30.0], 30.0)
     plot_overlap(comparison, root / "overlap.png")
     lines = [
         "## Overview",
@@ -662,8 +671,6 @@ def _overview(cfg: ExperimentConfig, root: Path, names: list[str]) -> list[str]:
         "![overlap](overlap.png)",
         "",
     ]
-    ila_rankings = [(name, _load(ranking_dir(root, ILA, name, seed))) for name in names] if ILA in cfg.methods else []
-    ila_found = [(name, r) for name, r in ila_rankings if r is not None]
     if ila_found:
         plot_profiles([r for _, r in ila_found], [f"ila {name}" for name, _ in ila_found], root / "profiles.png")
         lines += [
@@ -809,15 +816,14 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
         f"{ft.method}, {ft.steps} steps each, from the base model on {_finetune_data(cfg)} (rankings of seed "
         f"{_finetune_seed(cfg)}). Held-out loss: base -> after training ({seed_note}).",
         "",
-        *(
-            [
-                f"'METHOD from DATA': that method's ranking on another data set, fine-tuned on {_finetune_data(cfg)} "
-                "(does a ranking carry over?).",
-                "",
-            ]
-            if any(name != _finetune_data(cfg) for name in ft.ranked_on)
-            else []
-        ),
+    ]
+    if any(name != _finetune_data(cfg) for name in ft.ranked_on):
+        lines += [
+            f"'METHOD from DATA': that method's ranking on another data set, fine-tuned on {_finetune_data(cfg)} "
+            "(does a ranking carry over?).",
+            "",
+        ]
+    lines += [
         "Backward has to reach the lowest selected block, so a step's cost follows that block more than the "
         "number of layers.",
         "",
