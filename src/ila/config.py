@@ -7,6 +7,7 @@ dotted key, because a typo in a config must never silently fall back to a defaul
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,48 +73,99 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """Stage 1: LoRA training until the update is epsilon-stable (or the step cap)."""
+    """Stage 1: LoRA training until the update is epsilon-stable; an epoch budget and a step cap are the limits.
 
-    max_steps: int = 60  # the step cap; milestones are fractions of it
+    The learning rate warms up, then stays constant while the ε rule is watched: a rate that decays to 0 at the
+    cap would make r_t fall because the steps shrink, not because the update has settled.
+    """
+
+    max_epochs: float | None = 3.0  # budget in passes over the training rows; None: the step cap alone
+    max_steps: int = 400  # safety cap on optimizer steps, whatever the epoch budget says
     batch_size: int = 4
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "linear"] = "constant"  # linear: decay to 0 at the budget (ε is unreliable)
     warmup_steps: int = 5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    # r_t = |D_t - D_{t-w}|_F / |D_t|_F every `window` steps; stable after `patience` checks below epsilon
+    # every `window` steps: profile = |p_t - p_{t-w}| for p the unit vector of per-layer update sizes |D_i|_F,
+    # r_t = |D_t - D_{t-w}|_F / |D_t|_F; stable after `patience` checks in a row below epsilon (docs/method.md)
     epsilon: float = 0.05
     window: int = 10
     patience: int = 2
     plateau_tolerance: float = 0.01  # relative change of the windowed mean loss
-    stop_rule: Literal["update", "loss", "either", "steps"] = "update"
-    milestones: tuple[int, ...] = (25, 50, 75, 100)
+    stop_rule: Literal["profile", "update", "loss", "either", "steps"] = "profile"  # either: profile or loss
+    milestones: tuple[int, ...] = (25, 50, 75, 100)  # percent of the steps Stage 1 ran (at the nearest check)
+    seed: int | None = None  # LoRA initialisation and batch order; None: derived from run.seed and the data
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.window < 1 or self.patience < 1:
             raise IlaError("stage1.max_steps, stage1.batch_size, stage1.window and stage1.patience must be >= 1")
+        if self.max_epochs is not None and not self.max_epochs > 0:
+            raise IlaError(f"stage1.max_epochs={self.max_epochs} must be > 0 (or none for the step cap alone)")
+        if not self.lr > 0:
+            raise IlaError(f"stage1.lr={self.lr} must be > 0")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise IlaError("stage1.warmup_steps, stage1.weight_decay and stage1.grad_clip must be >= 0")
+        if not self.epsilon > 0 or not self.plateau_tolerance > 0:
+            raise IlaError("stage1.epsilon and stage1.plateau_tolerance must be > 0")
         if any(not 0 < m <= 100 for m in self.milestones):
             raise IlaError(f"stage1.milestones={list(self.milestones)} must be percentages in (0, 100]")
+
+    def planned_steps(self, train_examples: int) -> int:
+        """The step budget: the epoch budget in steps, never more than the step cap."""
+        if self.max_epochs is None:
+            return self.max_steps
+        per_epoch = math.ceil(train_examples / self.batch_size)
+        return max(1, min(self.max_steps, math.ceil(self.max_epochs * per_epoch)))
 
 
 @dataclass(frozen=True)
 class Stage2Config:
-    """Stage 2: one relaxed mask score per layer, learned with the Stage-1 update frozen."""
+    """Stage 2: one relaxed mask score per layer, learned with the Stage-1 update frozen.
 
-    steps: int = 60
+    The defaults were chosen by measurement (docs/method.md): a penalty scaled to the Stage-1 gain, so that
+    keeping a layer means it pays for itself; an optimizer whose steps keep the layers' relative gradient
+    sizes; and a stop when the top-K set has stopped changing.
+    """
+
+    steps: int = 60  # step cap (score updates)
     batch_size: int = 4
+    accumulation: int = 1  # batches per score update: gradient noise falls with the square root
     lr: float = 0.1
+    optimizer: Literal["adam", "adam-shared", "sgd"] = "adam"  # adam-shared: one second moment for all scores
+    momentum: float = 0.9  # sgd only
     init_score: float = 3.0  # gamma = sigmoid(3) = 0.95: start at (nearly) the Stage-1 model
     sparsity: Literal["penalty", "budget", "topk"] = "penalty"
     penalty: float = 1.0  # lambda on mean(gamma) for sparsity=penalty
+    penalty_scale: Literal["absolute", "gain"] = "absolute"  # gain: lambda times the measured Stage-1 loss gain
     budget: float = 0.3  # fraction of layers H/N for sparsity=budget|topk
+    # convergence: every `check_every` steps the top `stop_fraction` set is compared with the previous check
+    check_every: int = 5
+    stop_fraction: float = 0.3
+    stop_jaccard: float = 0.98
+    stop_patience: int = 0  # checks in a row at or above stop_jaccard; 0: run the step cap
+    average_checks: int = 1  # the ranking averages the scores of the last N checks (1: the final scores)
+    repeats: int = 1  # Stage 2 under N batch orders on one Stage 1; scores averaged, rank intervals reported
+    seed: int | None = None  # batch order; None: derived from run.seed, the data and the Stage-1 adapter
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise IlaError("stage2.steps and stage2.batch_size must be >= 1")
+        if min(self.steps, self.batch_size, self.accumulation, self.check_every, self.repeats) < 1:
+            raise IlaError(
+                "stage2.steps, stage2.batch_size, stage2.accumulation, stage2.check_every and stage2.repeats "
+                "must be >= 1"
+            )
         if not 0.0 < self.budget <= 1.0:
             raise IlaError(f"stage2.budget={self.budget} must be a fraction of layers in (0, 1]")
         if self.penalty < 0:
             raise IlaError(f"stage2.penalty={self.penalty} must be >= 0")
+        if not self.lr > 0:
+            raise IlaError(f"stage2.lr={self.lr} must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise IlaError(f"stage2.momentum={self.momentum} must be in [0, 1)")
+        if not 0.0 < self.stop_fraction <= 1.0 or not 0.0 < self.stop_jaccard <= 1.0:
+            raise IlaError("stage2.stop_fraction and stage2.stop_jaccard must be in (0, 1]")
+        if self.stop_patience < 0 or self.average_checks < 1:
+            raise IlaError("stage2.stop_patience must be >= 0 and stage2.average_checks >= 1")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -37,6 +38,7 @@ from ila.run_folder import (
     write_json,
     write_yaml,
 )
+from ila.seeds import derive_seed
 from ila.sft_data import SftData, eval_batches, load_sft_data
 from ila.sharding import shard_if_enabled
 from ila.stage1_lora import Stage1Result, run_stage1
@@ -98,6 +100,22 @@ def _mask_loss(
         return heldout_loss(model, batches, device)
 
 
+def stage1_seed(cfg: IdentifyConfig, data: SftData) -> int:
+    """Stage 1's LoRA initialisation and batch order: pinned by stage1.seed, else derived from run.seed and the
+    data, so that runs of one seed on two data sets do not share an initialisation."""
+    if cfg.stage1.seed is not None:
+        return cfg.stage1.seed
+    return derive_seed(cfg.run.seed, "stage1", data.stats.fingerprint)
+
+
+def stage2_seed(cfg: IdentifyConfig, data: SftData, adapter: str, repeat: int) -> int:
+    """Stage 2's batch order for one repeat: pinned by stage2.seed (+ repeat), else derived from run.seed, the
+    data and the Stage-1 adapter (final or milestone), so milestone and cross-data runs get their own order."""
+    if cfg.stage2.seed is not None:
+        return cfg.stage2.seed + repeat
+    return derive_seed(cfg.run.seed, "stage2", data.stats.fingerprint, adapter, repeat)
+
+
 def _stage2_and_rank(
     cfg: IdentifyConfig,
     loaded: LoadedModel,
@@ -106,23 +124,66 @@ def _stage2_and_rank(
     data: SftData,
     timings: Timings,
     info: dict[str, Any],
-    checkpoint: Path | None = None,
+    adapter: str,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[Stage2Result, Ranking]:
+    """Stage 2 once per repeat (its own batch order each); the ranking sorts the mean score over the repeats."""
     pad_id = int(loaded.tokenizer.pad_token_id)
-    with timings.measure("stage 2"):
-        stage2 = run_stage2(
-            peft_model,
-            layers,
-            data.train,
-            cfg.stage2,
-            cfg.run.seed,
-            pad_id,
-            loaded.device,
-            checkpoint,
-            cfg.run.checkpoint_every,
-        )
-    ranking = rank_layers(layers, stage2.scores, "ila", stage2.gammas, info)
-    return stage2, ranking
+    repeats = cfg.stage2.repeats
+    results: list[Stage2Result] = []
+    for repeat in range(repeats):
+        checkpoint = None
+        if checkpoint_dir is not None:
+            folder = checkpoint_dir if repeats == 1 else checkpoint_dir / f"repeat-{repeat}"
+            checkpoint = folder / "checkpoint.pt"
+        with timings.measure("stage 2"):
+            results.append(
+                run_stage2(
+                    peft_model,
+                    layers,
+                    data.train,
+                    cfg.stage2,
+                    stage2_seed(cfg, data, adapter, repeat),
+                    pad_id,
+                    loaded.device,
+                    checkpoint,
+                    cfg.run.checkpoint_every,
+                )
+            )
+    stage2 = results[0]
+    info.update(
+        stage2_seed=[r.seed for r in results] if repeats > 1 else stage2.seed,
+        stage2_steps=[r.loop.steps_run for r in results] if repeats > 1 else stage2.loop.steps_run,
+        stage2_converged_at=[r.converged_at for r in results] if repeats > 1 else stage2.converged_at,
+        stage2_penalty=stage2.penalty,
+        stage2_gain=stage2.gain,
+    )
+    if repeats == 1:
+        return stage2, rank_layers(layers, stage2.scores, "ila", stage2.gammas, info)
+    scores = [statistics.fmean(values) for values in zip(*(r.scores for r in results), strict=True)]
+    singles = [rank_layers(layers, r.scores, "ila") for r in results]
+    ranks = [single.ranks() for single in singles]
+    intervals = [(min(rk[layer.name] for rk in ranks), max(rk[layer.name] for rk in ranks)) for layer in layers]
+    info["repeats"] = {
+        "n": repeats,
+        "top_overlap": {f"{p:g}": repeat_overlap(singles, p / 100) for p in REPEAT_OVERLAP_PERCENTS},
+        "scores": [r.scores for r in results],
+    }
+    gammas = [1.0 / (1.0 + math.exp(-s)) for s in scores]
+    merged = Stage2Result(scores, gammas, stage2.loop, stage2.trace, stage2.converged_at, stage2.penalty, stage2.gain)
+    for extra in results[1:]:  # the loop summary covers every repeat's steps
+        merged.loop.step_seconds = merged.loop.step_seconds + extra.loop.step_seconds
+    return merged, rank_layers(layers, scores, "ila", gammas, info, intervals)
+
+
+REPEAT_OVERLAP_PERCENTS = (10, 25, 30, 50)
+
+
+def repeat_overlap(rankings: list[Ranking], fraction: float) -> float:
+    """Mean pairwise Jaccard of the top-`fraction` sets: the Stage-2 noise floor at that K."""
+    tops = [set(r.top_fraction(fraction)) for r in rankings]
+    pairs = [(a, b) for i, a in enumerate(tops) for b in tops[i + 1 :]]
+    return statistics.fmean(len(a & b) / len(a | b) for a, b in pairs)
 
 
 def run_identify(cfg: IdentifyConfig, overwrite: bool = False, command: str = "") -> IdentifyResult:
@@ -186,7 +247,7 @@ def _execute(
                 data.train,
                 cfg.lora,
                 cfg.stage1,
-                cfg.run.seed,
+                stage1_seed(cfg, data),
                 pad_id,
                 device,
                 run_dir / "stage1",
@@ -197,7 +258,7 @@ def _execute(
             heldout["stage1"] = heldout_loss(peft_model, heldout_batches, device)
         info = _ranking_info(cfg, loaded, data, milestone=None, stage1=stage1)
         stage2, ranking = _stage2_and_rank(
-            cfg, loaded, peft_model, layers, data, timings, info, run_dir / "stage2" / "checkpoint.pt"
+            cfg, loaded, peft_model, layers, data, timings, info, "final", run_dir / "stage2"
         )
         top = set(ranking.top_fraction(cfg.run.report_top_fraction))
         with timings.measure("held-out evaluation"):
@@ -259,7 +320,7 @@ def run_milestone(
             mask.values = torch.zeros(len(layers), device=device)
             heldout["base"] = heldout_loss(peft_model, heldout_batches, device)
     info = _ranking_info(cfg, loaded, data, milestone=milestone, stage1=None)
-    stage2, ranking = _stage2_and_rank(cfg, loaded, peft_model, layers, data, timings, info)
+    stage2, ranking = _stage2_and_rank(cfg, loaded, peft_model, layers, data, timings, info, f"milestone-{milestone}")
     top = set(ranking.top_fraction(cfg.run.report_top_fraction))
     heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
     ranking.info["heldout_loss"] = heldout
@@ -298,7 +359,9 @@ def _ranking_info(
     }
     if stage1 is not None:
         info["stage1_steps"] = stage1.steps
+        info["stage1_planned_steps"] = stage1.planned_steps
         info["stage1_stopped_by"] = stage1.stopped_by
+        info["stage1_fired_at"] = stage1.fired_at
         info["stability_trace"] = stage1.trace
     return info
 
@@ -319,6 +382,8 @@ def _stage1_summary(stage1: Stage1Result) -> dict[str, Any]:
     out = _loop_summary(stage1.loop)
     out.update(
         stopped_by=stage1.stopped_by,
+        planned_steps=stage1.planned_steps,
+        fired_at=stage1.fired_at,
         milestones={str(k): str(v) for k, v in stage1.milestones.items()},
         final_r_t=stage1.trace[-1]["r_t"] if stage1.trace else None,
     )

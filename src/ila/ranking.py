@@ -29,6 +29,8 @@ class LayerScore:
     gamma: float | None  # ILA's mask value σ(score); None for methods without one
     rank: int  # 1 = most important
     n_params: int
+    rank_low: int | None = None  # best and worst rank over Stage-2 repeats (`stage2.repeats` > 1)
+    rank_high: int | None = None
 
 
 @dataclass
@@ -43,6 +45,9 @@ class Ranking:
 
     def top(self, k: int) -> list[str]:
         return self.names()[:k]
+
+    def ranks(self) -> dict[str, int]:
+        return {entry.name: entry.rank for entry in self.layers}
 
     def top_fraction(self, fraction: float) -> list[str]:
         return self.top(max(1, round(fraction * len(self.layers))))
@@ -68,8 +73,12 @@ def rank_layers(
     method: str,
     gammas: Sequence[float] | None = None,
     info: dict[str, Any] | None = None,
+    rank_intervals: Sequence[tuple[int, int]] | None = None,
 ) -> Ranking:
-    """Sort by score, highest first; ties keep discovery order so the ranking is deterministic."""
+    """Sort by score, highest first; ties keep discovery order so the ranking is deterministic.
+
+    `rank_intervals` (per layer, in `layers` order) gives the best and worst rank over repeated measurements.
+    """
     if len(scores) != len(layers):
         raise ValueError(f"{len(scores)} scores for {len(layers)} layers")
     order = sorted(range(len(layers)), key=lambda i: (-scores[i], i))
@@ -82,6 +91,8 @@ def rank_layers(
             None if gammas is None else float(gammas[i]),
             rank,
             layers[i].n_params,
+            None if rank_intervals is None else rank_intervals[i][0],
+            None if rank_intervals is None else rank_intervals[i][1],
         )
         for rank, i in enumerate(order, start=1)
     ]

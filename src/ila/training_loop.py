@@ -82,8 +82,12 @@ def train(
     after_step: Callable[[int, float], bool] | None = None,
     before_zero_grad: Callable[[int], None] | None = None,
     start_step: int = 0,
+    accumulation: int = 1,
 ) -> LoopResult:
     """Run up to `max_steps` optimizer steps; `after_step(step, loss)` returning True stops early.
+
+    With `accumulation` > 1 each step takes that many batches from `batches`; their gradients add up weighted by
+    each batch's share of the step's target tokens, so the step is the one a single large batch would give.
 
     `before_zero_grad(step)` runs after the optimizer step while the gradients still exist (AdaLoRA's
     `update_and_allocate` reads them to score and prune ranks).
@@ -109,24 +113,31 @@ def train(
     )
     try:
         for step in range(start_step + 1, max_steps + 1):
-            batch = next(batches)
-            if world > 1:  # this process's rows, weighted by its share of the global batch's target tokens
-                rows = distributed.shard_rows(batch.input_ids.shape[0])
-                share = _targets(batch.labels[rows]) / max(_targets(batch.labels), 1)
-                batch = Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
-            batch = batch.to(device)
+            micro = [next(batches) for _ in range(accumulation)]
+            step_targets = max(sum(_targets(b.labels) for b in micro), 1)
             started = time.perf_counter()
-            loss = loss_fn(batch)
-            if world > 1:
-                loss = loss * share
-            value = distributed.sum_across(float(loss.detach()))
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"{stage}: non-finite loss ({value}) at step {step}; stopped before updating the weights "
-                    "(lower the learning rate or check the model weights and data)",
-                    step,
-                )
-            loss.backward()
+            value = 0.0
+            for batch in micro:
+                weight = _targets(batch.labels) / step_targets if accumulation > 1 else 1.0
+                if world > 1:  # this process's rows, weighted by its share of the global batch's target tokens
+                    rows = distributed.shard_rows(batch.input_ids.shape[0])
+                    weight *= _targets(batch.labels[rows]) / max(_targets(batch.labels), 1)
+                    batch = Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
+                batch = batch.to(device)
+                loss = loss_fn(batch)
+                if weight != 1.0:
+                    loss = loss * weight
+                part = distributed.sum_across(float(loss.detach()))
+                if not math.isfinite(part):
+                    raise NonFiniteLossError(
+                        f"{stage}: non-finite loss ({part}) at step {step}; stopped before updating the weights "
+                        "(lower the learning rate or check the model weights and data)",
+                        step,
+                    )
+                loss.backward()
+                value += part
+                result.tokens += batch.real_tokens
+                result.padded_tokens += batch.input_ids.numel()
             distributed.sum_gradients(replicated)  # summed shares = the global batch's gradient
             sharding.sum_sharded_gradients(sharded)
             if grad_clip:
@@ -139,8 +150,6 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             result.step_seconds.append(time.perf_counter() - started)
             result.losses.append(value)
-            result.tokens += batch.real_tokens
-            result.padded_tokens += batch.input_ids.numel()
             result.steps_run = step
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
