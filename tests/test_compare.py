@@ -1,5 +1,6 @@
 """Ranking comparison: Jaccard, chance level and p-value against hand computation and simulation, correlations,
-the stable core, mapping across models, the written files and `ila compare`."""
+the stable core, mapping across models, the type-matched chance level, the noise floor, the written files and
+`ila compare`."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ from ila.cli import main
 from ila.compare import (
     MAPPING_NAMES,
     MAPPING_TYPE_DEPTH,
+    SEED_HINT,
     chance_jaccard,
     compare_files,
     compare_rankings,
+    depth_band,
     expected_core,
     jaccard,
     k_for_percent,
+    overlap_distribution,
     overlap_p_value,
     parse_k_percents,
     write_comparison,
@@ -36,12 +40,21 @@ def synthetic_layers(n: int) -> list[Layer]:
     return [Layer(f"blocks.{i}.proj", i, "proj", 4, 4) for i in range(n)]
 
 
-def ranking_from_order(layers: list[Layer], order: list[int], method: str = "m") -> Ranking:
+TYPES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+def typed_layers(n_blocks: int, types: tuple[str, ...] = TYPES) -> list[Layer]:
+    return [Layer(f"model.layers.{b}.{t}", b, t, 4, 4) for b in range(n_blocks) for t in types]
+
+
+def ranking_from_order(
+    layers: list[Layer], order: list[int], method: str = "m", info: dict[str, object] | None = None
+) -> Ranking:
     """A ranking in which layers[order[0]] is best, layers[order[1]] second, ..."""
     scores = [0.0] * len(layers)
     for position, index in enumerate(order):
         scores[index] = float(len(order) - position)
-    return rank_layers(layers, scores, method)
+    return rank_layers(layers, scores, method, info=info)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -164,6 +177,168 @@ def test_rankings_of_different_models_are_mapped_by_type_and_depth() -> None:
         compare_rankings([rank_random(small), rank_random(discover_layers(tiny_gpt2()))])
 
 
+# ------------------------------------------------------------------------------------ type-matched chance level
+
+
+def test_depth_band() -> None:
+    # 12 blocks, 3 bands: relative depth b/11; floor(3b/11) -> blocks 0-3, 4-7, 8-11 (the last one clipped from 3)
+    assert [depth_band(b, 12, 3) for b in range(12)] == [0] * 4 + [1] * 4 + [2] * 4
+    assert depth_band(-1, 12, 3) == -1  # lm_head: its own stratum
+    assert depth_band(0, 1, 3) == 0 and depth_band(5, 12, 1) == 0
+
+
+def test_shared_type_preference_is_not_significant_against_the_type_matched_chance() -> None:
+    """Both rankings put every q_proj layer first, in unrelated orders: far above the uniform chance level, but the
+    type-matched null keeps each set's q_proj count per depth band, so it expects the same agreement."""
+    layers = typed_layers(12)  # 48 layers; 12 q_proj
+    q = [i for i, layer in enumerate(layers) if layer.module_type.endswith("q_proj")]
+    rest = [i for i in range(len(layers)) if i not in q]
+    orders = []
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        orders.append([int(i) for i in rng.permutation(q)] + [int(i) for i in rng.permutation(rest)])
+    result = compare_rankings(
+        [ranking_from_order(layers, o, name) for o, name in zip(orders, "ab", strict=True)], k_percents=[25, 50]
+    )
+    all_q, half = (level.pairs[0] for level in result.levels)
+    assert result.levels[0].k == 12 and all_q.jaccard == 1.0  # the top 25% are exactly the q_proj layers
+    assert all_q.p_value < 1e-9  # against two uniformly random 12-sets this is extraordinary
+    assert all_q.type_chance_jaccard == 1.0 and all_q.type_p_value == 1.0  # ... but type-matched sets are the same
+    assert half.jaccard > 1.3 * result.levels[1].chance_jaccard  # top 50%: q_proj + 12 random others
+    assert half.type_chance_jaccard is not None and half.type_p_value is not None
+    assert half.type_chance_jaccard > result.levels[1].chance_jaccard + 0.1
+    assert half.type_p_value > 0.1
+
+
+def test_agreement_on_layers_within_types_beats_the_type_matched_chance() -> None:
+    layers = typed_layers(12)
+    order = [int(i) for i in np.random.default_rng(3).permutation(len(layers))]
+    near = list(order)
+    for i in range(0, len(near) - 1, 6):  # a few neighbours swapped: the same layers, almost the same order
+        near[i], near[i + 1] = near[i + 1], near[i]
+    result = compare_rankings([ranking_from_order(layers, order, "a"), ranking_from_order(layers, near, "b")])
+    assert result.null["strata"] == 12  # 4 types x 3 depth bands
+    for level in result.levels:
+        pair = level.pairs[0]
+        assert pair.type_chance_jaccard is not None and pair.type_p_value is not None
+        assert pair.jaccard > pair.type_chance_jaccard + 0.2
+        assert pair.type_p_value < 0.01  # 1/2001 where no draw reaches the observed overlap
+    assert result.levels[1].pairs[0].type_p_value == pytest.approx(1 / 2001)  # K=12
+
+
+def test_type_matched_chance_equals_uniform_chance_with_one_stratum() -> None:
+    n, draws = 30, 20000
+    layers = synthetic_layers(n)  # one module type
+    a = ranking_from_order(layers, [int(i) for i in np.random.default_rng(4).permutation(n)], "a")
+    b = ranking_from_order(layers, [int(i) for i in np.random.default_rng(5).permutation(n)], "b")
+    result = compare_rankings([a, b], k_percents=[10, 30, 50], depth_bands=1, null_draws=draws)
+    assert result.null == {"depth_bands": 1, "draws": draws, "seed": 0, "strata": 1}
+    for level in result.levels:
+        pair, k = level.pairs[0], level.k
+        assert pair.type_chance_jaccard is not None and pair.type_p_value is not None
+        variance = sum(p * (i / (2 * k - i)) ** 2 for i, p in overlap_distribution(n, k)) - level.chance_jaccard**2
+        assert abs(pair.type_chance_jaccard - level.chance_jaccard) < 4 * np.sqrt(variance / draws)
+        assert abs(pair.type_p_value - pair.p_value) < 4 * np.sqrt(pair.p_value * (1 - pair.p_value) / draws) + 1e-3
+    assert compare_rankings([a, b], depth_bands=3).null["strata"] == 3  # the bands split the one type by depth
+
+
+def test_null_draws_zero_skips_the_type_matched_chance_and_bad_settings_fail() -> None:
+    layers = synthetic_layers(10)
+    a, b = ranking_from_order(layers, list(range(10)), "a"), ranking_from_order(layers, list(range(10))[::-1], "b")
+    result = compare_rankings([a, b], null_draws=0)
+    assert all(lv.pairs[0].type_chance_jaccard is None and lv.pairs[0].type_p_value is None for lv in result.levels)
+    assert "not drawn" in result.markdown()
+    with pytest.raises(IlaError, match="--depth-bands"):
+        compare_rankings([a, b], depth_bands=0)
+    with pytest.raises(IlaError, match="--null-draws"):
+        compare_rankings([a, b], null_draws=-1)
+
+
+def test_same_inputs_give_the_same_output() -> None:
+    layers = typed_layers(6)
+    rankings = [
+        ranking_from_order(layers, [int(i) for i in np.random.default_rng(s).permutation(len(layers))], f"r{s}")
+        for s in range(3)
+    ]
+    first, second = compare_rankings(rankings), compare_rankings(list(rankings))
+    assert json.dumps(first.to_dict()) == json.dumps(second.to_dict())
+    assert first.markdown() == second.markdown()
+    # each pair's null has its own fixed seed: adding a ranking does not change the others' numbers
+    more = compare_rankings([*rankings, ranking_from_order(layers, list(range(len(layers))), "extra")])
+    assert more.levels[0].pairs[0].type_p_value == first.levels[0].pairs[0].type_p_value
+
+
+# ------------------------------------------------------------------------------------------------- noise floor
+
+
+def measured(data: str, seed: int | None, **extra: object) -> dict[str, object]:
+    info: dict[str, object] = {"model": "m", "model_fingerprint": "fp", "data": data, "milestone": 100, **extra}
+    if seed is not None:
+        info["seed"] = seed
+    return info
+
+
+def test_noise_floor_from_seed_pairs() -> None:
+    layers = typed_layers(6)
+    orders = [[int(i) for i in np.random.default_rng(s).permutation(len(layers))] for s in (10, 11, 12, 13, 14)]
+    x0 = ranking_from_order(layers, orders[0], "ila", measured("x.jsonl", 0, data_sha256="x"))
+    x1 = ranking_from_order(layers, orders[1], "ila", measured("renamed-x.jsonl", 1, data_sha256="x"))  # same data
+    y0 = ranking_from_order(layers, orders[2], "ila", measured("y.jsonl", 0, data_sha256="y"))
+    early = ranking_from_order(layers, orders[3], "ila", measured("x.jsonl", 2, data_sha256="x", milestone=50))
+    last = ranking_from_order(layers, orders[4], "last")  # a baseline without a seed: no group
+    result = compare_rankings([x0, x1, y0, early, last], ["x0", "x1", "y0", "x-early", "last"], k_percents=[25, 50])
+    assert [r["group"] for r in result.rankings] == ["g1", "g1", "g2", "g3", None]
+    assert [r["seed"] for r in result.rankings] == [0, 1, 0, 2, None]
+    groups = {g["id"]: g for g in result.groups}
+    assert groups["g1"]["members"] == ["x0", "x1"] and groups["g1"]["seed_pairs"] == [["x0", "x1"]]
+    assert groups["g2"]["seed_pairs"] == [] and groups["g2"]["noise_floor"] == {"25": None, "50": None}
+    for level in result.levels:
+        by_pair = {(p.a, p.b): p for p in level.pairs}
+        floor = by_pair["x0", "x1"].jaccard
+        assert groups["g1"]["noise_floor"][f"{level.percent:g}"] == floor
+        seed_pair = by_pair["x0", "x1"]
+        assert seed_pair.seed_pair and seed_pair.noise_floor == floor
+        assert [p for p in level.pairs if p.seed_pair] == [seed_pair]  # x-early has another milestone
+        assert by_pair["x0", "y0"].noise_floor == floor and by_pair["x0", "y0"].noise_floor_from == ("x0",)
+        assert by_pair["x1", "y0"].noise_floor == floor and by_pair["x1", "y0"].noise_floor_from == ("x1",)
+        assert by_pair["y0", "last"].noise_floor is None and by_pair["x0", "last"].noise_floor_from == ("x0",)
+    md = result.markdown()
+    row = next(line for line in md.splitlines() if line.startswith("| 25% (") and "| x0 vs y0 |" in line)
+    assert row.endswith(f"| {result.levels[0].pairs[0].jaccard:.3f} (x0's group) |")
+    row = next(line for line in md.splitlines() if line.startswith("| 25% (") and "| x0 vs x1 |" in line)
+    assert "seed pair (group floor" in row
+    row = next(line for line in md.splitlines() if line.startswith("| 25% (") and "| y0 vs last |" in line)
+    assert row.endswith("| - |")
+    assert SEED_HINT not in md and "### Noise floor per ranking" in md
+    assert "- g1: ila (model m, data x.jsonl, milestone 100): x0 (seed 0), x1 (seed 1)" in md
+    data = result.to_dict()
+    assert data["k"][0]["pairs"][0]["seed_pair"] is True and data["groups"][0]["id"] == "g1"
+
+
+def test_without_seed_pairs_compare_says_how_to_get_a_noise_floor() -> None:
+    layers = synthetic_layers(10)
+    a = ranking_from_order(layers, list(range(10)), "first")
+    b = ranking_from_order(layers, list(range(10))[::-1], "last")
+    result = compare_rankings([a, b])
+    assert all(lv.pairs[0].noise_floor is None and not lv.pairs[0].seed_pair for lv in result.levels)
+    assert result.markdown().count(SEED_HINT) == 1 and "run.seed=" in SEED_HINT and "--repeats" in SEED_HINT
+
+
+def test_stage2_repeats_are_shown_as_the_rankings_noise_floor() -> None:
+    layers = synthetic_layers(20)
+    repeats = {"n": 5, "top_overlap": {"10": 0.93, "30": 0.91}}
+    a = ranking_from_order(layers, list(range(20)), "ila", measured("x", 0, repeats=repeats))
+    b = ranking_from_order(layers, list(range(20))[::-1], "snr")
+    result = compare_rankings([a, b], ["ila", "snr"], k_percents=[10, 25, 30])
+    assert result.rankings[0]["stage2_repeats"] == 5
+    assert result.rankings[0]["stage2_noise_floor"] == {"10": 0.93, "25": None, "30": 0.91}
+    assert result.rankings[1]["stage2_repeats"] is None and result.rankings[1]["stage2_noise_floor"] is None
+    md = result.markdown()
+    assert "| ila | g1 | 0 | 5 | Stage 2 0.930 | - | Stage 2 0.910 |" in md
+    assert "| snr | - | - | - | - | - | - |" in md
+    assert SEED_HINT in md  # Stage-2 repeats, but still no seed pair
+
+
 # ---------------------------------------------------------------------------------------- files and the CLI
 
 
@@ -211,6 +386,8 @@ def test_compare_cli(tmp_path: Path, two_ranking_files: list[Path], capsys: pyte
         ([*map(str, two_ranking_files), "--k", "ten"], "--k"),
         ([*map(str, two_ranking_files), "--labels", "only-one"], "--labels"),
         ([*map(str, two_ranking_files), "--output", str(out)], "--overwrite"),
+        ([*map(str, two_ranking_files), "--depth-bands", "0"], "--depth-bands"),
+        ([*map(str, two_ranking_files), "--null-draws", "-1"], "--null-draws"),
     ]
     for argv, needle in bad_inputs:
         code = main(["-q", "compare", *argv])
@@ -224,3 +401,19 @@ def test_compare_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "usage: ila compare" in out and "examples:" in out
+    assert "--depth-bands N" in out and "--null-draws N" in out and "noise floor" in out
+
+
+def test_compare_cli_null_settings(tmp_path: Path, two_ranking_files: list[Path]) -> None:
+    out = tmp_path / "cmp"
+    argv = [*map(str, two_ranking_files), "--k", "10,30", "--depth-bands", "2", "--null-draws", "300"]
+    assert main(["-q", "compare", *argv, "--output", str(out)]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert data["type_matched_null"] == {"depth_bands": 2, "draws": 300, "seed": 0, "strata": 14}  # 7 types x 2
+    for level in data["k"]:  # at K=3 of 28 the two sets may lie in disjoint strata: type-matched chance 0
+        pair = level["pairs"][0]
+        assert 0 <= pair["type_chance_jaccard"] < 1 and 1 / 301 <= pair["type_p_value"] <= 1
+    assert pair["seed_pair"] is True  # two random baselines with seeds 0 and 1: one measurement, two seeds
+    assert data["rankings"][0]["group"] == data["rankings"][1]["group"] == "g1"
+    md = (out / "compare.md").read_text()
+    assert "type-matched chance" in md and "seed pair (group floor" in md

@@ -89,9 +89,13 @@ COMPARE_EXAMPLES = """examples:
   ila compare runs/lima runs/snr/ranking.json runs/last runs/random-3 --k 10,30 --output runs/compare-baselines
   ila compare runs/llama-lima runs/qwen-lima          # different models: mapped by module type and relative depth
 
-For each K (percent of the layers): pairwise Jaccard of the top-K sets, its chance level for two random K-sets and
-a one-sided hypergeometric p-value, and the stable core (in the top K of every ranking); Spearman and Kendall
-correlation of the full rankings. Writes compare.md, compare.json, overlap.png and profiles.png.
+For each K (percent of the layers): pairwise Jaccard of the top-K sets beside two chance levels and their
+p-values: uniform (two random K-sets; exact hypergeometric test) and type-matched (random sets that keep each
+set's count per module type and depth band, so shared preferences for a type or depth do not count; Monte Carlo,
+fixed seed); beside it the noise floor: the overlap of rankings that differ only in the seed (same method, model,
+data and milestone), and a ranking's own Stage-2 repeats (ila identify --repeats N). Also the stable core (in the
+top K of every ranking) and Spearman and Kendall correlation of the full rankings. Writes compare.md,
+compare.json, overlap.png and profiles.png.
 """
 
 
@@ -318,6 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--labels", help="comma-separated names for the rankings (default: folder or file names)")
     compare.add_argument("--output", help="folder for the four files (default runs/compare-<timestamp>)")
     compare.add_argument("--overwrite", action="store_true", help="replace compare.* files already in --output")
+    compare.add_argument(
+        "--depth-bands",
+        type=int,
+        default=3,
+        metavar="N",
+        help="depth bands of the type-matched chance level: strata are module type x N bands (default 3)",
+    )
+    compare.add_argument(
+        "--null-draws",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="Monte Carlo draws of the type-matched chance level; 0 skips it (default 2000)",
+    )
     evaluate = sub.add_parser(
         "evaluate",
         help="held-out loss/perplexity, lm-eval benchmarks, optional judge",
@@ -628,7 +646,14 @@ def _compare(args: argparse.Namespace) -> int:
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
     if labels is not None and len(labels) != len(args.rankings):
         raise IlaError(f"--labels names {len(labels)} rankings, but {len(args.rankings)} were given")
-    comparison, rankings = compare_files(args.rankings, parse_k_percents(args.k), args.heatmap_k, labels)
+    comparison, rankings = compare_files(
+        args.rankings,
+        parse_k_percents(args.k),
+        args.heatmap_k,
+        labels,
+        depth_bands=args.depth_bands,
+        null_draws=args.null_draws,
+    )
     output = Path(args.output) if args.output else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     written = write_comparison(comparison, rankings, output, overwrite=args.overwrite)
     print(comparison.markdown(), end="")

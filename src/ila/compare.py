@@ -2,8 +2,10 @@
 
 Stage: reporting. Reads two or more ranking.json files; writes compare.md (tables), compare.json (every number),
 overlap.png (top-K Jaccard heatmap) and profiles.png (importance by depth per module type). For each K: pairwise
-Jaccard of the top-K sets with its chance level and a hypergeometric p-value, and the stable core; Spearman and
-Kendall correlation of the full rankings. Rankings of different models are mapped by module type and relative depth.
+Jaccard of the top-K sets with two chance levels (uniform, and type-matched: random sets that keep each set's count
+per module type and depth band) and their p-values, the noise floor of each pair (how far rankings that differ only
+in the seed agree; and a ranking's own Stage-2 repeats), and the stable core; Spearman and Kendall correlation of
+the full rankings. Rankings of different models are mapped by module type and relative depth.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ila.errors import IlaError
 from ila.ranking import LayerScore, Ranking, load_ranking
 from ila.run_folder import atomic_write_text, write_json
@@ -24,6 +28,9 @@ DEFAULT_HEATMAP_PERCENT = 30.0
 OUTPUT_FILES = ("compare.md", "compare.json", "overlap.png", "profiles.png")
 MAPPING_NAMES = "layer names"
 MAPPING_TYPE_DEPTH = "module type and relative depth"
+DEFAULT_DEPTH_BANDS = 3
+DEFAULT_NULL_DRAWS = 2000
+NULL_SEED = 0  # the type-matched null is Monte Carlo; a fixed seed makes compare.md the same on every run
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -73,6 +80,27 @@ def expected_core(n: int, k: int, m: int) -> float:
     return n * (k / n) ** m
 
 
+def type_matched_null(
+    sizes: np.ndarray, counts_a: np.ndarray, counts_b: np.ndarray, overlap: int, draws: int, seed: int = NULL_SEED
+) -> tuple[float, float]:
+    """(chance Jaccard, p-value) of an overlap against random sets that keep each set's count per stratum.
+
+    A' is drawn uniformly among the sets with A's count in every stratum, B' likewise for B, independently; both
+    have K layers, so J(A', B') depends only on |A' ∩ B'|, which is a sum over strata of independent
+    hypergeometric overlaps (counts_a[s] and counts_b[s] of sizes[s]): drawing those is the same as drawing the
+    sets, and fast. p = (1 + #{overlap' ≥ overlap}) / (1 + draws), the Monte Carlo p-value that is never 0.
+    """
+    k = int(counts_a.sum())
+    if k != int(counts_b.sum()) or k < 1:
+        raise ValueError(f"the two sets must have the same size ≥ 1, got {k} and {int(counts_b.sum())}")
+    used = (counts_a > 0) & (counts_b > 0)  # strata where one set is empty add no overlap
+    rng = np.random.default_rng(seed)
+    drawn = rng.hypergeometric(
+        counts_a[used], sizes[used] - counts_a[used], counts_b[used], size=(draws, int(used.sum()))
+    ).sum(axis=1)
+    return float(np.mean(drawn / (2 * k - drawn))), float((1 + np.count_nonzero(drawn >= overlap)) / (1 + draws))
+
+
 def rank_correlations(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     """Spearman and Kendall (tau-b) correlation of two rank vectors over the same layers, with p-values."""
     from scipy.stats import kendalltau, spearmanr
@@ -106,6 +134,21 @@ def type_keys(ranking: Ranking) -> dict[str, str]:
     types = list(dict.fromkeys(entry.module_type for entry in ranking.layers))
     short = [t.split(".")[-1] for t in types]
     return {t: s if short.count(s) == 1 else t for t, s in zip(types, short, strict=True)}
+
+
+def depth_band(block: int, n_blocks: int, bands: int) -> int:
+    """Band of a block: floor(relative depth · bands), clipped to bands − 1, with relative depth block/(n_blocks − 1);
+    −1 for layers outside the blocks (lm_head). Integer arithmetic, so a block on a band edge is never rounded off."""
+    if block < 0:
+        return -1
+    return min(block * bands // max(n_blocks - 1, 1), bands - 1)
+
+
+def layer_strata(ranking: Ranking, names: Sequence[str], bands: int) -> list[tuple[str, int]]:
+    """(module type key, depth band) of each named layer of this ranking: the strata of the type-matched null."""
+    keys = type_keys(ranking)
+    by_name = {e.name: e for e in ranking.layers}
+    return [(keys[by_name[n].module_type], depth_band(by_name[n].block, ranking.n_blocks, bands)) for n in names]
 
 
 def _model_order(entries: Sequence[LayerScore]) -> list[LayerScore]:
@@ -192,6 +235,87 @@ def align(rankings: Sequence[Ranking], labels: Sequence[str]) -> AlignedRankings
     return AlignedRankings(list(labels), names, positions, MAPPING_TYPE_DEPTH, labels[ref], notes)
 
 
+# ------------------------------------------------------------------------------------------------- noise floor
+
+SEED_HINT = (
+    "No noise floor: no two rankings here differ only in the seed. To get one, run the same `ila identify` again "
+    "with another seed (`run.seed=1`, or `--seed 1`) and compare both, or rank with `ila identify --repeats N`."
+)
+
+
+def _key_part(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def measurement_key(ranking: Ranking) -> tuple[str, str | None, str | None, str | None]:
+    """What a ranking measured, up to its seed: (method, model, data, milestone). The model's and the data's
+    fingerprints stand in for their names where recorded, so a moved or renamed copy is the same measurement."""
+    info = ranking.info
+    return (
+        ranking.method,
+        _key_part(info.get("model_fingerprint") or info.get("model")),
+        _key_part(info.get("data_sha256") or info.get("data")),
+        _key_part(info.get("milestone")),
+    )
+
+
+def seed_groups(rankings: Sequence[Ranking]) -> list[int | None]:
+    """Per ranking, its group (0, 1, ... in order of first appearance): rankings with one measurement key. A ranking
+    without info["seed"] (most baselines) is in no group, since nothing says which runs differ only in the seed."""
+    numbers: dict[tuple[str, str | None, str | None, str | None], int] = {}
+    out: list[int | None] = []
+    for ranking in rankings:
+        if ranking.info.get("seed") is None:
+            out.append(None)
+            continue
+        out.append(numbers.setdefault(measurement_key(ranking), len(numbers)))
+    return out
+
+
+def is_seed_pair(rankings: Sequence[Ranking], groups: Sequence[int | None], i: int, j: int) -> bool:
+    """Two rankings of one measurement that differ in the seed: their overlap is the noise floor of the group."""
+    return groups[i] is not None and groups[i] == groups[j] and rankings[i].info["seed"] != rankings[j].info["seed"]
+
+
+def group_floors(
+    seed_pairs: Sequence[tuple[int, int]], groups: Sequence[int | None], jaccards: dict[tuple[int, int], float]
+) -> dict[int, float]:
+    """Noise floor of each group that has a seed pair: the mean Jaccard of its seed pairs."""
+    found: dict[int, list[float]] = {}
+    for i, j in seed_pairs:
+        group = groups[i]
+        assert group is not None  # a seed pair lies in one group
+        found.setdefault(group, []).append(jaccards[i, j])
+    return {group: sum(values) / len(values) for group, values in found.items()}
+
+
+def pair_noise_floor(
+    i: int, j: int, groups: Sequence[int | None], floors: dict[int, float]
+) -> tuple[float | None, tuple[int, ...]]:
+    """(floor, the rankings whose group's floor it is) for a pair: the mean of the floors of i's and j's groups that
+    exist; (None, ()) when neither group has a seed pair."""
+    found = [(index, floors[group]) for index in (i, j) if (group := groups[index]) is not None and group in floors]
+    if not found:
+        return None, ()
+    return sum(value for _, value in found) / len(found), tuple(index for index, _ in found)
+
+
+def stage2_noise_floor(ranking: Ranking, percents: Sequence[float]) -> tuple[int | None, dict[str, float | None]]:
+    """(repeats, {K percent: mean pairwise top-K Jaccard of the repeats}) from info["repeats"], which
+    `ila identify --repeats N` writes; (None, {}) for a ranking without repeats. K is keyed as f"{percent:g}"."""
+    repeats = ranking.info.get("repeats")
+    if not isinstance(repeats, dict):
+        return None, {}
+    top = repeats.get("top_overlap")
+    top = top if isinstance(top, dict) else {}
+    n = repeats.get("n")
+    floors: dict[str, float | None] = {}
+    for percent in percents:
+        value = top.get(f"{percent:g}")
+        floors[f"{percent:g}"] = float(value) if isinstance(value, (int, float)) else None
+    return (int(n) if isinstance(n, (int, float)) else None), floors
+
+
 # -------------------------------------------------------------------------------------------------- comparison
 
 
@@ -201,7 +325,12 @@ class PairOverlap:
     b: str
     overlap: int
     jaccard: float
-    p_value: float
+    p_value: float  # uniform null: one-sided hypergeometric
+    type_chance_jaccard: float | None = None  # type-matched null (None when it was not drawn)
+    type_p_value: float | None = None
+    noise_floor: float | None = None  # mean floor of a's and b's groups, where they have one
+    noise_floor_from: tuple[str, ...] = ()  # labels whose group's floor went into noise_floor
+    seed_pair: bool = False  # a and b are one measurement with two seeds
 
 
 @dataclass(frozen=True)
@@ -228,7 +357,7 @@ class PairCorrelation:
 class Comparison:
     """Every number `ila compare` reports."""
 
-    rankings: list[dict[str, Any]]  # label, method, model, layers, blocks, source
+    rankings: list[dict[str, Any]]  # label, method, model, layers, blocks, source, seed, group, Stage-2 floor
     n_layers: int  # layers compared
     mapping: str
     reference: str
@@ -236,6 +365,8 @@ class Comparison:
     levels: list[KLevel]
     correlations: list[PairCorrelation]
     heatmap: dict[str, Any]  # percent, k, labels, jaccard matrix
+    groups: list[dict[str, Any]] = field(default_factory=list)  # id, measurement, members, seeds, noise floor per K
+    null: dict[str, Any] = field(default_factory=dict)  # the type-matched null's depth bands, draws, seed, strata
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -244,6 +375,8 @@ class Comparison:
             "mapping": self.mapping,
             "reference": self.reference,
             "notes": self.notes,
+            "type_matched_null": self.null,
+            "groups": self.groups,
             "k": [asdict(level) for level in self.levels],
             "correlations": [asdict(c) for c in self.correlations],
             "overlap_matrix": self.heatmap,
@@ -269,10 +402,8 @@ class Comparison:
         ]
         lines += [f"Note: {note}." for note in self.notes]
         head = " | ".join(f"top {lv.percent:g}% (K={lv.k})" for lv in self.levels)
+        lines += ["", "## Top-K overlap", "", self._reading_guide(), ""]
         lines += [
-            "",
-            "## Top-K overlap",
-            "",
             "Jaccard of the top-K sets; p: one-sided hypergeometric test of the overlap against two random K-sets.",
             "",
             f"| pair | {head} |",
@@ -282,6 +413,7 @@ class Comparison:
             cells = [f"{lv.pairs[index].jaccard:.3f} (p={lv.pairs[index].p_value:.2g})" for lv in self.levels]
             lines.append(f"| {pair.a} vs {pair.b} | " + " | ".join(cells) + " |")
         lines.append("| chance level | " + " | ".join(f"{lv.chance_jaccard:.3f}" for lv in self.levels) + " |")
+        lines += self._detail_lines() + self._noise_floor_lines()
         lines += ["", "## Rank correlation of the full rankings", "", "| pair | Spearman | Kendall |", "|---|---|---|"]
         for c in self.correlations:
             lines.append(
@@ -305,10 +437,145 @@ class Comparison:
             )
         return "\n".join(lines) + "\n"
 
+    def _reading_guide(self) -> str:
+        """The paragraph that says what the two chance levels and the noise floor mean."""
+        bands = self.null.get("depth_bands", DEFAULT_DEPTH_BANDS)
+        return (
+            "How to read this: Jaccard is the share of layers two top-K sets have in common (1 = the same set). "
+            "The *uniform chance level* is the Jaccard of two top-K sets drawn at random from all compared layers. "
+            "Layers of one module type, and at similar depth, behave alike, so two rankings can agree far above that "
+            "just because both prefer, say, deep q_proj layers. The *type-matched chance level* draws each set at "
+            f"random again, but keeps how many layers it took from each module type and depth band ({bands} bands "
+            "of equal depth): beating it means the rankings agree on which layers within a type and depth, not only "
+            "on which types and depths. The *noise floor* is the Jaccard that rankings reach when only the seed "
+            "differs (seed pairs), or that one ranking's Stage-2 repeats reach: a pair near its noise floor agrees "
+            "as well as the method agrees with itself, and no pair can be expected to do better."
+        )
+
+    def _detail_lines(self) -> list[str]:
+        """One row per K and pair: Jaccard beside both chance levels, both p-values and the noise floor."""
+        null = self.null
+        lines = [
+            "",
+            "### Against both chance levels and the noise floor",
+            "",
+            f"Type-matched chance: Monte Carlo, {null.get('draws', 0)} draws (seed {null.get('seed')}) within "
+            f"{null.get('strata', '?')} strata of module type x depth band; its p is (1 + draws at least as high) / "
+            "(1 + draws)."
+            if null.get("draws")
+            else "Type-matched chance: not drawn (--null-draws 0).",
+            "",
+            "| K | pair | Jaccard | uniform chance | p | type-matched chance | p | noise floor |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for lv in self.levels:
+            for pair in lv.pairs:
+                type_chance = "-" if pair.type_chance_jaccard is None else f"{pair.type_chance_jaccard:.3f}"
+                type_p = "-" if pair.type_p_value is None else f"{pair.type_p_value:.2g}"
+                lines.append(
+                    f"| {lv.percent:g}% ({lv.k}) | {pair.a} vs {pair.b} | {pair.jaccard:.3f} | {lv.chance_jaccard:.3f} "
+                    f"| {pair.p_value:.2g} | {type_chance} | {type_p} | {_floor_cell(pair)} |"
+                )
+        return lines
+
+    def _noise_floor_lines(self) -> list[str]:
+        """Per ranking: its group and seed, and the noise floors at each K; the groups; or how to get a floor."""
+        has_seed_floor = any(g["seed_pairs"] for g in self.groups)
+        has_stage2 = any(r.get("stage2_noise_floor") for r in self.rankings)
+        lines = ["", "### Noise floor per ranking", ""]
+        if has_seed_floor or has_stage2:
+            floors = {g["id"]: g["noise_floor"] for g in self.groups}
+            head = " | ".join(f"top {lv.percent:g}%" for lv in self.levels)
+            lines += [
+                "seeds: mean Jaccard of the seed pairs of the ranking's group; Stage 2: mean Jaccard among the "
+                "ranking's own Stage-2 repeats (`ila identify --repeats N`; K in percent of that ranking's layers).",
+                "",
+                f"| ranking | group | seed | Stage-2 repeats | {head} |",
+                "|---" * (len(self.levels) + 4) + "|",
+            ]
+            for r in self.rankings:
+                cells = []
+                for lv in self.levels:
+                    key = f"{lv.percent:g}"
+                    seeds = floors.get(r["group"], {}).get(key)
+                    stage2 = (r.get("stage2_noise_floor") or {}).get(key)
+                    parts = ([f"seeds {seeds:.3f}"] if seeds is not None else []) + (
+                        [f"Stage 2 {stage2:.3f}"] if stage2 is not None else []
+                    )
+                    cells.append("; ".join(parts) or "-")
+                seed = "-" if r.get("seed") is None else str(r["seed"])
+                repeats = "-" if r.get("stage2_repeats") is None else str(r["stage2_repeats"])
+                lines.append(
+                    f"| {r['label']} | {r.get('group') or '-'} | {seed} | {repeats} | " + " | ".join(cells) + " |"
+                )
+            shared = [g for g in self.groups if len(g["members"]) > 1]
+            if shared:
+                lines += ["", "Groups (one method, model, data and milestone; only the seed differs):"]
+                for g in shared:
+                    measured = ", ".join(f"{key} {g[key]}" for key in ("model", "data", "milestone") if g[key])
+                    lines.append(
+                        f"- {g['id']}: {g['method']}"
+                        + (f" ({measured})" if measured else "")
+                        + ": "
+                        + ", ".join(f"{m} (seed {s})" for m, s in zip(g["members"], g["seeds"], strict=True))
+                    )
+        if not has_seed_floor:
+            lines += ["", SEED_HINT] if has_stage2 else [SEED_HINT]
+        return lines
+
+
+def _floor_cell(pair: PairOverlap) -> str:
+    """The noise floor beside a pair's Jaccard: which group it comes from when only one has a floor."""
+    if pair.noise_floor is None:
+        return "-"
+    if pair.seed_pair:
+        return f"seed pair (group floor {pair.noise_floor:.3f})"
+    if len(pair.noise_floor_from) == 1:
+        return f"{pair.noise_floor:.3f} ({pair.noise_floor_from[0]}'s group)"
+    return f"{pair.noise_floor:.3f}"
+
 
 def _jaccard_matrix(aligned: AlignedRankings, k: int) -> list[list[float]]:
     tops = [aligned.top(i, k) for i in range(len(aligned.labels))]
     return [[jaccard(a, b) for b in tops] for a in tops]
+
+
+def _strata(rankings: Sequence[Ranking], aligned: AlignedRankings, bands: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stratum index of each compared layer, size of each stratum), from the reference ranking's entries."""
+    reference = rankings[aligned.labels.index(aligned.reference)]
+    keys = layer_strata(reference, aligned.names, bands)
+    numbers = {key: index for index, key in enumerate(dict.fromkeys(keys))}
+    strata = np.array([numbers[key] for key in keys], dtype=np.int64)
+    return strata, np.bincount(strata, minlength=len(numbers))
+
+
+def _describe_groups(
+    rankings: Sequence[Ranking],
+    labels: Sequence[str],
+    groups: Sequence[int | None],
+    seed_pairs: Sequence[tuple[int, int]],
+    floors_by_level: Sequence[tuple[float, dict[int, float]]],
+) -> list[dict[str, Any]]:
+    """The groups for compare.json: what was measured, who is in it, its seed pairs and its floor per K."""
+    out = []
+    for group in sorted({g for g in groups if g is not None}):
+        members = [i for i, g in enumerate(groups) if g == group]
+        method, _, _, milestone = measurement_key(rankings[members[0]])
+        info = rankings[members[0]].info
+        out.append(
+            {
+                "id": f"g{group + 1}",
+                "method": method,
+                "model": info.get("model"),
+                "data": info.get("data"),
+                "milestone": milestone,
+                "members": [labels[i] for i in members],
+                "seeds": [rankings[i].info["seed"] for i in members],
+                "seed_pairs": [[labels[i], labels[j]] for i, j in seed_pairs if groups[i] == group],
+                "noise_floor": {f"{percent:g}": floors.get(group) for percent, floors in floors_by_level},
+            }
+        )
+    return out
 
 
 def compare_rankings(
@@ -317,32 +584,67 @@ def compare_rankings(
     k_percents: Sequence[float] = DEFAULT_K_PERCENTS,
     heatmap_percent: float = DEFAULT_HEATMAP_PERCENT,
     sources: Sequence[str | None] | None = None,
+    *,
+    depth_bands: int = DEFAULT_DEPTH_BANDS,
+    null_draws: int = DEFAULT_NULL_DRAWS,
+    null_seed: int = NULL_SEED,
 ) -> Comparison:
-    """Compare two or more rankings at each K (percent of the compared layers) and over the full order."""
+    """Compare two or more rankings at each K (percent of the compared layers) and over the full order.
+
+    Each pair's top-K overlap is set against the uniform chance level (exact), the type-matched chance level
+    (`null_draws` Monte Carlo draws within module type x `depth_bands` strata; 0 skips it) and the noise floor
+    of the rankings' seed groups.
+    """
     if len(rankings) < 2:
         raise IlaError(f"compare needs at least 2 rankings, got {len(rankings)}")
     if not k_percents:
         raise IlaError("give at least one K")
+    if depth_bands < 1:
+        raise IlaError(f"--depth-bands {depth_bands}: give at least 1 depth band (3 splits each model in thirds)")
+    if null_draws < 0:
+        raise IlaError(f"--null-draws {null_draws}: give a number of draws ≥ 0 (0 skips the type-matched chance)")
     labels = unique_labels(list(labels) if labels is not None else [r.method for r in rankings])
     if len(labels) != len(rankings):
         raise IlaError(f"{len(labels)} labels for {len(rankings)} rankings")
     aligned = align(rankings, labels)
     n, m = len(aligned.names), len(rankings)
     pairs = list(combinations(range(m), 2))
+    strata, sizes = _strata(rankings, aligned, depth_bands)
+    positions = [np.array(p) for p in aligned.positions]
+    groups = seed_groups(rankings)
+    seed_pairs = [(i, j) for i, j in pairs if is_seed_pair(rankings, groups, i, j)]
     levels = []
+    floors_by_level: list[tuple[float, dict[int, float]]] = []
     for percent in k_percents:
         k = k_for_percent(percent, n)
         tops = [aligned.top(i, k) for i in range(m)]
-        overlaps = [
-            PairOverlap(
-                labels[i],
-                labels[j],
-                len(tops[i] & tops[j]),
-                jaccard(tops[i], tops[j]),
-                overlap_p_value(len(tops[i] & tops[j]), n, k),
+        counts = [np.bincount(strata[p < k], minlength=len(sizes)) for p in positions]
+        jaccards = {(i, j): jaccard(tops[i], tops[j]) for i, j in pairs}
+        floors = group_floors(seed_pairs, groups, jaccards)
+        floors_by_level.append((float(percent), floors))
+        overlaps = []
+        for i, j in pairs:
+            overlap = len(tops[i] & tops[j])
+            type_chance, type_p = (
+                type_matched_null(sizes, counts[i], counts[j], overlap, null_draws, null_seed)
+                if null_draws
+                else (None, None)
             )
-            for i, j in pairs
-        ]
+            floor, floor_from = pair_noise_floor(i, j, groups, floors)
+            overlaps.append(
+                PairOverlap(
+                    labels[i],
+                    labels[j],
+                    overlap,
+                    jaccards[i, j],
+                    overlap_p_value(overlap, n, k),
+                    type_chance,
+                    type_p,
+                    floor,
+                    tuple(labels[index] for index in floor_from),
+                    (i, j) in seed_pairs,
+                )
+            )
         core = frozenset.intersection(*tops)
         levels.append(
             KLevel(
@@ -366,18 +668,37 @@ def compare_rankings(
         "labels": labels,
         "jaccard": _jaccard_matrix(aligned, heat_k),
     }
-    described = [
-        {
-            "label": label,
-            "method": r.method,
-            "model": r.info.get("model"),
-            "n_layers": len(r.layers),
-            "n_blocks": r.n_blocks,
-            "source": (sources[i] if sources else None),
-        }
-        for i, (label, r) in enumerate(zip(labels, rankings, strict=True))
-    ]
-    return Comparison(described, n, aligned.mapping, aligned.reference, aligned.notes, levels, correlations, heatmap)
+    described = []
+    for i, (label, r) in enumerate(zip(labels, rankings, strict=True)):
+        repeats, stage2 = stage2_noise_floor(r, k_percents)
+        group = groups[i]
+        described.append(
+            {
+                "label": label,
+                "method": r.method,
+                "model": r.info.get("model"),
+                "n_layers": len(r.layers),
+                "n_blocks": r.n_blocks,
+                "source": (sources[i] if sources else None),
+                "seed": r.info.get("seed"),
+                "group": None if group is None else f"g{group + 1}",
+                "stage2_repeats": repeats,
+                "stage2_noise_floor": stage2 or None,
+            }
+        )
+    null = {"depth_bands": depth_bands, "draws": null_draws, "seed": null_seed, "strata": len(sizes)}
+    return Comparison(
+        described,
+        n,
+        aligned.mapping,
+        aligned.reference,
+        aligned.notes,
+        levels,
+        correlations,
+        heatmap,
+        _describe_groups(rankings, labels, groups, seed_pairs, floors_by_level),
+        null,
+    )
 
 
 def unique_labels(labels: list[str]) -> list[str]:
@@ -504,11 +825,22 @@ def compare_files(
     k_percents: Sequence[float] = DEFAULT_K_PERCENTS,
     heatmap_percent: float = DEFAULT_HEATMAP_PERCENT,
     labels: Sequence[str] | None = None,
+    *,
+    depth_bands: int = DEFAULT_DEPTH_BANDS,
+    null_draws: int = DEFAULT_NULL_DRAWS,
 ) -> tuple[Comparison, list[Ranking]]:
     """Load ranking files (or run folders) and compare them; labels default to the folder or file names."""
     if len(paths) < 2:
         raise IlaError(f"compare needs at least 2 rankings, got {len(paths)}")
     rankings = [load_ranking(p) for p in paths]
     names = list(labels) if labels is not None else [label_for(p) for p in paths]
-    comparison = compare_rankings(rankings, names, k_percents, heatmap_percent, [str(p) for p in paths])
+    comparison = compare_rankings(
+        rankings,
+        names,
+        k_percents,
+        heatmap_percent,
+        [str(p) for p in paths],
+        depth_bands=depth_bands,
+        null_draws=null_draws,
+    )
     return comparison, rankings
