@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument("--config", help="YAML file with sections model, data, lora, stage1, stage2, run")
     identify.add_argument("--output", help="run folder (default runs/identify-<timestamp>)")
     identify.add_argument("--seed", type=int, help="random seed (run.seed)")
+    identify.add_argument(
+        "--repeats",
+        type=int,
+        metavar="N",
+        help="Stage 2 under N batch orders on one Stage 1 (stage2.repeats): mean scores, each layer's rank "
+        "interval and the Stage-2 noise floor in ranking.json",
+    )
     identify.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
     identify.add_argument("--from-run", help="an earlier identify run folder (with --milestone)")
     identify.add_argument(
@@ -450,6 +457,8 @@ def _identify(args: argparse.Namespace) -> int:
         extra.setdefault("run", {})["output"] = args.output
     if args.seed is not None:
         extra.setdefault("run", {})["seed"] = args.seed
+    if args.repeats is not None:
+        extra.setdefault("stage2", {})["repeats"] = args.repeats
     cfg = load_config(IdentifyConfig, args.config, args.overrides, extra)
     if args.print_config:
         import yaml
@@ -476,10 +485,19 @@ def _print_summary(result: object) -> None:
         s1 = statistics.median(result.stage1.loop.step_seconds)
         s2 = statistics.median(result.stage2.loop.step_seconds)
         print(
-            f"stage 1: {result.stage1.steps} steps ({result.stage1.stopped_by}), median step {s1:.2f} s, "
-            f"{result.stage1.loop.tokens_per_second:.0f} tokens/s; stage 2 median step {s2:.2f} s "
-            f"(ratio {s2 / s1:.2f})"
+            f"stage 1: {result.stage1.steps} of {result.stage1.planned_steps} planned steps, stopped by "
+            f"{result.stage1.stopped_by}, median step {s1:.2f} s, {result.stage1.loop.tokens_per_second:.0f} tokens/s"
         )
+        converged = result.stage2.converged_at
+        print(
+            f"stage 2: {result.stage2.loop.steps_run} steps "
+            f"({f'top set stable from step {converged}' if converged else 'step cap'}), median step {s2:.2f} s "
+            f"(ratio to stage 1 {s2 / s1:.2f})"
+        )
+    repeats = result.ranking.info.get("repeats")
+    if repeats:
+        floor = ", ".join(f"top {k}% {v:.3f}" for k, v in repeats["top_overlap"].items())
+        print(f"stage-2 noise floor over {repeats['n']} batch orders (mean Jaccard): {floor}")
     print("where the time went: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     print("peak memory: " + ", ".join(f"{k} {v:.2f}" for k, v in result.memory.items()))
     print("top 10 layers:")

@@ -89,7 +89,7 @@ class Stage1Config:
     grad_clip: float = 1.0
     # every `window` steps: profile = |p_t - p_{t-w}| for p the unit vector of per-layer update sizes |D_i|_F,
     # r_t = |D_t - D_{t-w}|_F / |D_t|_F; stable after `patience` checks in a row below epsilon (docs/method.md)
-    epsilon: float = 0.05
+    epsilon: float = 0.03
     window: int = 10
     patience: int = 2
     plateau_tolerance: float = 0.01  # relative change of the windowed mean loss

@@ -38,22 +38,49 @@ def write_identify_report(
     ]
     if stage1 is not None:
         last = stage1.trace[-1] if stage1.trace else {}
+        fired = f"at step {stage1.fired_at}" if stage1.fired_at else f"after {stage1.steps} steps"
+        epochs = stage1.steps * cfg.stage1.batch_size / max(stats.train_examples, 1)
         lines += [
-            f"- Stage 1 (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, lr {cfg.stage1.lr}): {stage1.steps} steps "
-            f"of batch {cfg.stage1.batch_size}, stopped by **{stage1.stopped_by}** (rule `{cfg.stage1.stop_rule}`, "
-            f"ε={cfg.stage1.epsilon}); last r_t = {last.get('r_t', float('nan')):.4f}, last loss plateau = "
+            f"- Stage 1 (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, lr {cfg.stage1.lr}, {cfg.stage1.lr_schedule} "
+            f"after {cfg.stage1.warmup_steps} warm-up steps): {stage1.steps} of {stage1.planned_steps} planned steps "
+            f"of batch {cfg.stage1.batch_size} ({epochs:.2f} epochs), stopped by **{stage1.stopped_by}** {fired} "
+            f"(rule `{cfg.stage1.stop_rule}`, "
+            f"ε={cfg.stage1.epsilon}, window {cfg.stage1.window}, patience {cfg.stage1.patience}); last profile change "
+            f"{last.get('profile_change', float('nan')):.4f}, r_t {last.get('r_t', float('nan')):.4f}, loss plateau "
             f"{last.get('loss_plateau', float('nan')):.4f}; train loss {stage1.loop.losses[0]:.3f} -> "
             f"{stage1.loop.losses[-1]:.3f}; median step {_median(stage1.loop.step_seconds):.2f} s, "
             f"{stage1.loop.tokens_per_second:.0f} tokens/s, padding {stage1.loop.padding_fraction:.1%}",
-            f"- Milestones saved: {', '.join(f'{p}%' for p in sorted(stage1.milestones)) or 'none'}",
+            f"- Milestones saved (share of the steps run): "
+            f"{', '.join(f'{p}%' for p in sorted(stage1.milestones)) or 'none'}",
         ]
     final = stage2.trace[-1] if stage2.trace else {}
+    s2 = cfg.stage2
+    penalty = (
+        f"penalty λ={stage2.penalty:.4g}"
+        + (f" ({s2.penalty} × measured Stage-1 gain {stage2.gain:.4f})" if stage2.gain is not None else "")
+        if s2.sparsity == "penalty"
+        else f"{s2.sparsity} H={s2.budget:g}"
+    )
+    converged = (
+        f"top {s2.stop_fraction:.0%} set stable (Jaccard ≥ {s2.stop_jaccard}) for {s2.stop_patience} checks at "
+        f"step {stage2.converged_at}"
+        if stage2.converged_at
+        else "step cap"
+    )
     lines += [
-        f"- Stage 2 ({cfg.stage2.sparsity}, lr {cfg.stage2.lr}, init score {cfg.stage2.init_score}): "
-        f"{stage2.loop.steps_run} steps; mean γ {final.get('mean_gamma', float('nan')):.3f} "
+        f"- Stage 2 ({penalty}, {s2.optimizer} lr {s2.lr}, batch {s2.batch_size}×{s2.accumulation}, init score "
+        f"{s2.init_score}): {stage2.loop.steps_run} steps, stopped by {converged}; scores averaged over the last "
+        f"{len(stage2.checks) or 1} checks; mean γ {final.get('mean_gamma', float('nan')):.3f} "
         f"(std {final.get('std_gamma', float('nan')):.3f}, range {final.get('min_gamma', float('nan')):.3f}-"
         f"{final.get('max_gamma', float('nan')):.3f}); median step {_median(stage2.loop.step_seconds):.2f} s",
     ]
+    repeats = ranking.info.get("repeats")
+    if repeats:
+        floor = ", ".join(f"top {k}% {v:.3f}" for k, v in repeats["top_overlap"].items())
+        lines.append(
+            f"- Stage 2 repeated under {repeats['n']} batch orders; the ranking sorts the mean score. Noise floor "
+            f"(mean Jaccard between repeats): {floor}. `ranking.csv` gives each layer's rank interval."
+        )
     if stage1 is not None and stage1.loop.step_seconds and stage2.loop.step_seconds:
         ratio = _median(stage2.loop.step_seconds) / _median(stage1.loop.step_seconds)
         lines.append(f"- Stage-2 / Stage-1 median step time: {ratio:.2f}")
