@@ -140,7 +140,7 @@ def test_stage2_penalty_lowers_mean_gamma_and_more_penalty_lowers_it_more(
             peft_model,
             layers,
             data.train,
-            Stage2Config(steps=6, batch_size=4, penalty=penalty),
+            Stage2Config(steps=6, batch_size=4, sparsity="penalty", penalty_scale="absolute", penalty=penalty),
             seed=0,
             pad_id=1,
             device=CPU,
@@ -168,7 +168,14 @@ def test_stage1_trains_only_lora_factors_and_lowers_the_loss(
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     layers = discover_layers(model)
     cfg = Stage1Config(
-        max_steps=40, batch_size=8, lr=0.02, warmup_steps=2, window=5, stop_rule="steps", milestones=(50, 100)
+        max_epochs=None,
+        max_steps=40,
+        batch_size=8,
+        lr=0.02,
+        warmup_steps=2,
+        window=5,
+        stop_rule="steps",
+        milestones=(50, 100),
     )
     peft_model, result = run_stage1(
         model,

@@ -76,14 +76,20 @@ def planted_case(seed: int = 0, n_sequences: int = 128, length: int = 24):
     return peft_model, layers, examples, losses
 
 
-@pytest.mark.parametrize("sparsity", ["penalty", "budget"])
-def test_planted_layers_fill_the_top_ranks(sparsity: str) -> None:
+VARIANTS = {  # the defaults (budget, shared-scale Adam, top-K stop) and the alternatives ila offers
+    "defaults": {},
+    "penalty-adam": {"sparsity": "penalty", "penalty_scale": "absolute", "optimizer": "adam", "stop_patience": 0},
+    "budget-adam": {"optimizer": "adam", "stop_patience": 0},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_planted_layers_fill_the_top_ranks(variant: str) -> None:
     peft_model, layers, examples, losses = planted_case()
     # the construction works: the teacher's updates explain the data, the noise updates hurt
     assert losses["teacher"] < losses["base"] < losses["all"]
-    cfg = Stage2Config(
-        steps=150, batch_size=16, lr=0.1, sparsity=sparsity, penalty=0.5, budget=len(PLANTED) / len(layers)
-    )
+    settings = {"steps": 150, "batch_size": 16, "penalty": 0.5, "budget": len(PLANTED) / len(layers)}
+    cfg = Stage2Config(**{**settings, **VARIANTS[variant]})  # type: ignore[arg-type]
     result = run_stage2(peft_model, layers, examples, cfg, seed=0, pad_id=0, device=torch.device("cpu"))
     ranking = rank_layers(layers, result.scores, "ila", result.gammas)
     assert set(ranking.top(len(PLANTED))) == PLANTED, [(e.rank, e.name) for e in ranking.layers[:8]]

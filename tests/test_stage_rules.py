@@ -98,7 +98,7 @@ def test_stage2_stops_when_the_top_set_is_stable(examples: list, tmp_path: Path)
 
 def test_gain_scaled_penalty_uses_the_measured_stage1_gain(examples: list, tmp_path: Path) -> None:  # type: ignore[type-arg]
     peft_model, _, layers = _stage1(examples, Stage1Config(max_epochs=None, max_steps=12, lr=0.01, window=4), tmp_path)
-    cfg = Stage2Config(steps=2, penalty=0.5, penalty_scale="gain")
+    cfg = Stage2Config(steps=2, sparsity="penalty", penalty=0.5, penalty_scale="gain")
     result = run_stage2(peft_model, layers, examples, cfg, 0, 1, torch.device("cpu"))
     assert result.gain is not None and result.gain > 0  # Stage 1 learned the pattern
     assert result.penalty == pytest.approx(0.5 * result.gain)

@@ -128,22 +128,22 @@ class Stage2Config:
     sizes; and a stop when the top-K set has stopped changing.
     """
 
-    steps: int = 60  # step cap (score updates)
+    steps: int = 80  # step cap (score updates); the top-K stop usually ends Stage 2 before it
     batch_size: int = 4
     accumulation: int = 1  # batches per score update: gradient noise falls with the square root
     lr: float = 0.1
-    optimizer: Literal["adam", "adam-shared", "sgd"] = "adam"  # adam-shared: one second moment for all scores
+    optimizer: Literal["adam", "adam-shared", "sgd"] = "adam-shared"  # one second moment shared by all scores
     momentum: float = 0.9  # sgd only
     init_score: float = 3.0  # gamma = sigmoid(3) = 0.95: start at (nearly) the Stage-1 model
-    sparsity: Literal["penalty", "budget", "topk"] = "penalty"
+    sparsity: Literal["penalty", "budget", "topk"] = "budget"  # budget: sum(gamma) <= H by projection
     penalty: float = 1.0  # lambda on mean(gamma) for sparsity=penalty
-    penalty_scale: Literal["absolute", "gain"] = "absolute"  # gain: lambda times the measured Stage-1 loss gain
+    penalty_scale: Literal["absolute", "gain"] = "gain"  # gain: lambda times the measured Stage-1 loss gain
     budget: float = 0.3  # fraction of layers H/N for sparsity=budget|topk
     # convergence: every `check_every` steps the top `stop_fraction` set is compared with the previous check
     check_every: int = 5
     stop_fraction: float = 0.3
     stop_jaccard: float = 0.98
-    stop_patience: int = 0  # checks in a row at or above stop_jaccard; 0: run the step cap
+    stop_patience: int = 3  # checks in a row at or above stop_jaccard; 0: run the step cap
     average_checks: int = 1  # the ranking averages the scores of the last N checks (1: the final scores)
     repeats: int = 1  # Stage 2 under N batch orders on one Stage 1; scores averaged, rank intervals reported
     seed: int | None = None  # batch order; None: derived from run.seed, the data and the Stage-1 adapter
