@@ -167,7 +167,8 @@ def _stage2_and_rank(
     info["repeats"] = {
         "n": repeats,
         "top_overlap": {f"{p:g}": repeat_overlap(singles, p / 100) for p in REPEAT_OVERLAP_PERCENTS},
-        "scores": [r.scores for r in results],
+        "seeds": [r.seed for r in results],
+        "scores": [{layer.name: score for layer, score in zip(layers, r.scores, strict=True)} for r in results],
     }
     gammas = [1.0 / (1.0 + math.exp(-s)) for s in scores]
     merged = Stage2Result(scores, gammas, stage2.loop, stage2.trace, stage2.converged_at, stage2.penalty, stage2.gain)
