@@ -260,6 +260,48 @@ def test_same_seed_same_ranking(
     assert [e.score for e in first.ranking.layers] != [e.score for e in other.ranking.layers]
 
 
+def test_repeats_give_rank_intervals_and_repeat_0_is_the_default_run(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, fast_overrides: list[str]
+) -> None:
+    def identify(name: str, repeats: int):
+        extra = {
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"path": str(tiny_data)},
+            "run": {"seed": 0, "output": str(tmp_path / name)},
+            "stage2": {"repeats": repeats},
+        }
+        return run_identify(load_config(IdentifyConfig, overrides=fast_overrides, extra=extra))
+
+    single, repeated = identify("one", 1), identify("three", 3)
+    repeats = repeated.ranking.info["repeats"]
+    assert repeats["n"] == 3 and len(set(repeats["seeds"])) == 3  # three different batch orders
+    by_name = {e.name: e.score for e in single.ranking.layers}
+    assert repeats["scores"][0] == pytest.approx(by_name, abs=0)  # repeat 0 is exactly the default run
+    assert repeats["scores"][1] != repeats["scores"][0]
+    assert set(repeats["top_overlap"]) == {"10", "25", "30", "50"}
+    assert all(0.0 <= v <= 1.0 for v in repeats["top_overlap"].values())
+    for entry in repeated.ranking.layers:
+        assert entry.rank_low is not None and entry.rank_high is not None
+        assert 1 <= entry.rank_low <= entry.rank_high <= N_LAYERS
+    mean = {name: sum(r[name] for r in repeats["scores"]) / 3 for name in by_name}
+    assert [e.score for e in repeated.ranking.layers] == pytest.approx([mean[e.name] for e in repeated.ranking.layers])
+    with (tmp_path / "three" / "ranking.csv").open(encoding="utf-8") as handle:
+        assert {"rank_low", "rank_high"} <= set(next(csv.DictReader(handle)))
+
+
+def test_runs_on_two_data_sets_do_not_share_seeds() -> None:
+    from ila.identify import stage1_seed, stage2_seed
+
+    cfg = load_config(IdentifyConfig)
+    data_a = type("D", (), {"stats": type("S", (), {"fingerprint": "aaa"})()})()
+    data_b = type("D", (), {"stats": type("S", (), {"fingerprint": "bbb"})()})()
+    assert stage1_seed(cfg, data_a) != stage1_seed(cfg, data_b)  # type: ignore[arg-type]
+    assert stage2_seed(cfg, data_a, "final", 0) != stage2_seed(cfg, data_a, "milestone-25", 0)  # type: ignore[arg-type]
+    pinned = load_config(IdentifyConfig, overrides=["stage1.seed=7", "stage2.seed=9"])
+    assert stage1_seed(pinned, data_a) == stage1_seed(pinned, data_b) == 7  # type: ignore[arg-type]
+    assert stage2_seed(pinned, data_a, "final", 1) == stage2_seed(pinned, data_b, "milestone-25", 1) == 10  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
