@@ -191,7 +191,7 @@ def test_ranking_json_and_csv(run_dir: Path) -> None:
         assert e["name"] == f"model.layers.{e['block']}.{e['module_type']}"
         assert e["gamma"] == pytest.approx(1 / (1 + math.exp(-e["score"])))
     assert ranking["info"]["seed"] == 0 and ranking["info"]["milestone"] == 100
-    assert set(ranking["info"]["heldout_loss"]) == {"base", "stage1", "stage1_top_mask"}
+    assert set(ranking["info"]["heldout_loss"]) == {"base", "stage1", "stage1_top_mask", "delta_norm_top_mask"}
     with (run_dir / "ranking.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["name"] for r in rows] == [e["name"] for e in entries]

@@ -116,6 +116,17 @@ def stage2_seed(cfg: IdentifyConfig, data: SftData, adapter: str, repeat: int) -
     return derive_seed(cfg.run.seed, "stage2", data.stats.fingerprint, adapter, repeat)
 
 
+def _delta_norm_mask_loss(
+    cfg: IdentifyConfig, model: torch.nn.Module, layers: list[Layer], batches: list[Any], device: torch.device
+) -> float:
+    """The same hard mask on the layers with the largest Stage-1 updates (RMS of Δθ_i): the free ranking that
+    Stage 2 has to beat for its cost to be worth paying."""
+    from ila.baselines import delta_norm_scores
+
+    by_size = rank_layers(layers, delta_norm_scores(model, layers), "delta-norm")
+    return _mask_loss(model, layers, set(by_size.top_fraction(cfg.run.report_top_fraction)), batches, device)
+
+
 def _stage2_and_rank(
     cfg: IdentifyConfig,
     loaded: LoadedModel,
@@ -264,6 +275,7 @@ def _execute(
         top = set(ranking.top_fraction(cfg.run.report_top_fraction))
         with timings.measure("held-out evaluation"):
             heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
+            heldout["delta_norm_top_mask"] = _delta_norm_mask_loss(cfg, peft_model, layers, heldout_batches, device)
     except NonFiniteLossError as err:
         manifest.update(status="failed", error=str(err), timings=timings.seconds, memory=peak_memory())
         write_json(run_dir / "manifest.json", manifest)
@@ -324,6 +336,7 @@ def run_milestone(
     stage2, ranking = _stage2_and_rank(cfg, loaded, peft_model, layers, data, timings, info, f"milestone-{milestone}")
     top = set(ranking.top_fraction(cfg.run.report_top_fraction))
     heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
+    heldout["delta_norm_top_mask"] = _delta_norm_mask_loss(cfg, peft_model, layers, heldout_batches, device)
     ranking.info["heldout_loss"] = heldout
     ranking.save(out)
     plot_heatmap(ranking, out / "heatmap.png", top_fraction=cfg.run.report_top_fraction)

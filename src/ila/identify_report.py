@@ -89,15 +89,24 @@ def write_identify_report(
         "base": "base model θ0",
         "stage1": "Stage-1 LoRA model θ0 + Δθ",
         "stage1_top_mask": f"θ0 + Δθ on the top {cfg.run.report_top_fraction:.0%} layers only (hard mask)",
+        "delta_norm_top_mask": f"θ0 + Δθ on the {cfg.run.report_top_fraction:.0%} largest updates (delta-norm)",
     }
     for key, value in result.heldout.items():
         lines.append(f"| {labels.get(key, key)} | {value:.4f} |")
     base, full, top = (result.heldout.get(k_) for k_ in ("base", "stage1", "stage1_top_mask"))
     if base is not None and full is not None and top is not None and base - full > 1e-9:
+        by_size = result.heldout.get("delta_norm_top_mask")
         lines.append(
             f"\nThe top-{cfg.run.report_top_fraction:.0%} mask keeps {(base - top) / (base - full):.0%} "
-            "of the held-out loss reduction of Stage 1."
+            "of the held-out loss reduction of Stage 1"
+            + (
+                f"; the same share of the largest updates keeps {(base - by_size) / (base - full):.0%}."
+                if by_size
+                else "."
+            )
         )
+    elif base is not None and full is not None and base - full <= 1e-9:
+        lines.append("\n**Stage 1 did not lower the held-out loss: this ranking carries no information about it.**")
     types = Counter(e.module_type for e in ranking.layers[:k])
     lines += [
         "",
