@@ -287,6 +287,10 @@ def test_repeats_give_rank_intervals_and_repeat_0_is_the_default_run(
     assert [e.score for e in repeated.ranking.layers] == pytest.approx([mean[e.name] for e in repeated.ranking.layers])
     with (tmp_path / "three" / "ranking.csv").open(encoding="utf-8") as handle:
         assert {"rank_low", "rank_high"} <= set(next(csv.DictReader(handle)))
+    for repeat in range(3):  # each repeat's convergence trace
+        with (tmp_path / "three" / "stage2" / f"repeat-{repeat}" / "trace.csv").open(encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        assert rows and {"mean_gamma", "topk_jaccard"} <= set(rows[0])
 
 
 def test_runs_on_two_data_sets_do_not_share_seeds() -> None:

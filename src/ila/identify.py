@@ -35,6 +35,7 @@ from ila.run_folder import (
     peak_memory,
     prepare_run_dir,
     reset_peak_memory,
+    write_csv,
     write_json,
     write_yaml,
 )
@@ -136,17 +137,14 @@ def _stage2_and_rank(
     timings: Timings,
     info: dict[str, Any],
     adapter: str,
-    checkpoint_dir: Path | None = None,
+    checkpoint_dir: Path,
 ) -> tuple[Stage2Result, Ranking]:
     """Stage 2 once per repeat (its own batch order each); the ranking sorts the mean score over the repeats."""
     pad_id = int(loaded.tokenizer.pad_token_id)
     repeats = cfg.stage2.repeats
     results: list[Stage2Result] = []
     for repeat in range(repeats):
-        checkpoint = None
-        if checkpoint_dir is not None:
-            folder = checkpoint_dir if repeats == 1 else checkpoint_dir / f"repeat-{repeat}"
-            checkpoint = folder / "checkpoint.pt"
+        folder = checkpoint_dir if repeats == 1 else checkpoint_dir / f"repeat-{repeat}"
         with timings.measure("stage 2"):
             results.append(
                 run_stage2(
@@ -157,10 +155,11 @@ def _stage2_and_rank(
                     stage2_seed(cfg, data, adapter, repeat),
                     pad_id,
                     loaded.device,
-                    checkpoint,
+                    folder / "checkpoint.pt",
                     cfg.run.checkpoint_every,
                 )
             )
+        write_csv(folder / "trace.csv", results[-1].trace)  # the convergence trace: γ spread, top-K Jaccard
     stage2 = results[0]
     info.update(
         stage2_seed=[r.seed for r in results] if repeats > 1 else stage2.seed,
@@ -333,7 +332,9 @@ def run_milestone(
             mask.values = torch.zeros(len(layers), device=device)
             heldout["base"] = heldout_loss(peft_model, heldout_batches, device)
     info = _ranking_info(cfg, loaded, data, milestone=milestone, stage1=None)
-    stage2, ranking = _stage2_and_rank(cfg, loaded, peft_model, layers, data, timings, info, f"milestone-{milestone}")
+    stage2, ranking = _stage2_and_rank(
+        cfg, loaded, peft_model, layers, data, timings, info, f"milestone-{milestone}", out / "stage2"
+    )
     top = set(ranking.top_fraction(cfg.run.report_top_fraction))
     heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
     heldout["delta_norm_top_mask"] = _delta_norm_mask_loss(cfg, peft_model, layers, heldout_batches, device)

@@ -36,7 +36,7 @@ class Stage2Result:
     scores: list[float]  # averaged over the last `average_checks` checks
     gammas: list[float]
     loop: LoopResult
-    trace: list[dict[str, float]]  # per step: loss, mean/spread of γ; at checks also the top-K Jaccard
+    trace: list[dict[str, float | None]]  # per step: loss, mean/spread of γ; at checks the top-K Jaccard
     converged_at: int | None = None  # the step where the top-K set was stable for stop_patience checks
     penalty: float = 0.0  # the λ actually used (after scaling to the gain)
     gain: float | None = None  # the measured Stage-1 gain on training batches, for penalty_scale=gain
@@ -163,7 +163,7 @@ def run_stage2(
     watch_k = max(1, round(cfg.stop_fraction * n))
     scores = nn.Parameter(torch.full((n,), cfg.init_score, device=device))
     optimizer = make_optimizer(scores, cfg)
-    trace: list[dict[str, float]] = []
+    trace: list[dict[str, float | None]] = []
     checks: list[list[float]] = []  # score vectors at the checks, for the stop rule and the average
     stable = [0]
     converged: list[int | None] = [None]
@@ -208,6 +208,7 @@ def run_stage2(
             "std_gamma": float(gamma.std()),
             "min_gamma": float(gamma.min()),
             "max_gamma": float(gamma.max()),
+            "topk_jaccard": None,  # filled in at the checks
         }
         stop = False
         if step % cfg.check_every == 0 or step == cfg.steps:
