@@ -21,7 +21,8 @@ EXIT_USER_ERROR = 2
 IDENTIFY_EXAMPLES = f"""examples:
   ila identify                                   # default model ({DEFAULT_MODEL}) on the bundled data
   ila identify --model ./my-llama --data train.jsonl --output runs/llama-lima
-  ila identify --config run.yaml stage1.max_steps=200 stage2.sparsity=budget stage2.budget=0.3
+  ila identify --config run.yaml stage1.max_epochs=2 stage2.budget=0.2
+  ila identify --repeats 3                      # Stage 2 under 3 batch orders: rank intervals, noise floor
   ila identify --from-run runs/llama-lima --milestone 25   # Stage 2 on the 25% checkpoint, no retraining
   ila identify --resume runs/llama-lima                    # continue after an interruption (kill -9 included)
 
@@ -170,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     identify.add_argument(
         "--milestone",
         type=int,
-        help="rank from the Stage-1 checkpoint at this percent of the "
-        "planned steps, without retraining (needs --from-run)",
+        help="rank from the Stage-1 adapter after this percent of the steps "
+        "Stage 1 ran, without retraining (needs --from-run)",
     )
     identify.add_argument(
         "--resume",
