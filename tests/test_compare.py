@@ -315,6 +315,17 @@ def test_noise_floor_from_seed_pairs() -> None:
     assert data["k"][0]["pairs"][0]["seed_pair"] is True and data["groups"][0]["id"] == "g1"
 
 
+def test_a_different_stage2_sparsity_is_another_measurement_not_a_seed_pair() -> None:
+    layers = typed_layers(6)
+    orders = [[int(i) for i in np.random.default_rng(s).permutation(len(layers))] for s in (20, 21, 22)]
+    budget0 = ranking_from_order(layers, orders[0], "ila", measured("x", 0, data_sha256="x", sparsity="budget"))
+    budget1 = ranking_from_order(layers, orders[1], "ila", measured("x", 1, data_sha256="x", sparsity="budget"))
+    penalty1 = ranking_from_order(layers, orders[2], "ila", measured("x", 1, data_sha256="x", sparsity="penalty"))
+    result = compare_rankings([budget0, budget1, penalty1], ["b0", "b1", "p1"], k_percents=[50])
+    assert [r["group"] for r in result.rankings] == ["g1", "g1", "g2"]
+    assert [(p.a, p.b) for p in result.levels[0].pairs if p.seed_pair] == [("b0", "b1")]
+
+
 def test_without_seed_pairs_compare_says_how_to_get_a_noise_floor() -> None:
     layers = synthetic_layers(10)
     a = ranking_from_order(layers, list(range(10)), "first")

@@ -247,22 +247,24 @@ def _key_part(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def measurement_key(ranking: Ranking) -> tuple[str, str | None, str | None, str | None]:
-    """What a ranking measured, up to its seed: (method, model, data, milestone). The model's and the data's
-    fingerprints stand in for their names where recorded, so a moved or renamed copy is the same measurement."""
+def measurement_key(ranking: Ranking) -> tuple[str, str | None, str | None, str | None, str | None]:
+    """What a ranking measured, up to its seed: (method, model, data, milestone, Stage-2 sparsity form). The model's
+    and the data's fingerprints stand in for their names where recorded, so a moved or renamed copy is the same
+    measurement; two ILA rankings with different sparsity forms differ by design, not by the seed."""
     info = ranking.info
     return (
         ranking.method,
         _key_part(info.get("model_fingerprint") or info.get("model")),
         _key_part(info.get("data_sha256") or info.get("data")),
         _key_part(info.get("milestone")),
+        _key_part(info.get("sparsity")),
     )
 
 
 def seed_groups(rankings: Sequence[Ranking]) -> list[int | None]:
     """Per ranking, its group (0, 1, ... in order of first appearance): rankings with one measurement key. A ranking
     without info["seed"] (most baselines) is in no group, since nothing says which runs differ only in the seed."""
-    numbers: dict[tuple[str, str | None, str | None, str | None], int] = {}
+    numbers: dict[tuple[str, str | None, str | None, str | None, str | None], int] = {}
     out: list[int | None] = []
     for ranking in rankings:
         if ranking.info.get("seed") is None:
@@ -560,7 +562,7 @@ def _describe_groups(
     out = []
     for group in sorted({g for g in groups if g is not None}):
         members = [i for i, g in enumerate(groups) if g == group]
-        method, _, _, milestone = measurement_key(rankings[members[0]])
+        method, _, _, milestone, _ = measurement_key(rankings[members[0]])
         info = rankings[members[0]].info
         out.append(
             {
