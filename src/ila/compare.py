@@ -11,7 +11,8 @@ the full rankings. Rankings of different models are mapped by module type and re
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -36,7 +37,7 @@ NULL_SEED = 0  # the type-matched null is Monte Carlo; a fixed seed makes compar
 # ----------------------------------------------------------------------------------------------- statistics
 
 
-def jaccard(a: set[str] | frozenset[str], b: set[str] | frozenset[str]) -> float:
+def jaccard(a: AbstractSet[Hashable], b: AbstractSet[Hashable]) -> float:
     union = len(a | b)
     return len(a & b) / union if union else 1.0
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ila import distributed, sharding
+from ila.compare import jaccard
 from ila.config import IdentifyConfig, build_config, config_to_dict, read_yaml
 from ila.errors import IlaError, NonFiniteLossError
 from ila.identify_report import write_identify_report
@@ -194,7 +195,7 @@ def repeat_overlap(rankings: list[Ranking], fraction: float) -> float:
     """Mean pairwise Jaccard of the top-`fraction` sets: the Stage-2 noise floor at that K."""
     tops = [set(r.top_fraction(fraction)) for r in rankings]
     pairs = [(a, b) for i, a in enumerate(tops) for b in tops[i + 1 :]]
-    return statistics.fmean(len(a & b) / len(a | b) for a, b in pairs)
+    return statistics.fmean(jaccard(a, b) for a, b in pairs)
 
 
 def run_identify(cfg: IdentifyConfig, overwrite: bool = False, command: str = "") -> IdentifyResult:

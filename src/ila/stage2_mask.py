@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ila.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from ila.compare import jaccard
 from ila.config import Stage2Config
 from ila.layers import Layer
 from ila.lora_adapters import LayerMask
@@ -116,11 +117,6 @@ def top_set(scores: Sequence[float], k: int) -> frozenset[int]:
     return frozenset(order[:k])
 
 
-def _jaccard(a: frozenset[int], b: frozenset[int]) -> float:
-    union = len(a | b)
-    return len(a & b) / union if union else 1.0
-
-
 @torch.no_grad()
 def measure_gain(
     peft_model: nn.Module, mask: LayerMask, n: int, batches: Sequence[Batch], device: torch.device
@@ -214,7 +210,7 @@ def run_stage2(
         if step % cfg.check_every == 0 or step == cfg.steps:
             now = scores.detach().float().cpu().tolist()
             if checks:
-                agreement = _jaccard(top_set(checks[-1], watch_k), top_set(now, watch_k))
+                agreement = jaccard(top_set(checks[-1], watch_k), top_set(now, watch_k))
                 row["topk_jaccard"] = agreement
                 stable[0] = stable[0] + 1 if agreement >= cfg.stop_jaccard else 0
                 if cfg.stop_patience and stable[0] >= cfg.stop_patience and converged[0] is None:
