@@ -428,3 +428,29 @@ def test_compare_cli_null_settings(tmp_path: Path, two_ranking_files: list[Path]
     assert data["rankings"][0]["group"] == data["rankings"][1]["group"] == "g1"
     md = (out / "compare.md").read_text()
     assert "type-matched chance" in md and "seed pair (group floor" in md
+
+
+def test_stage1_repeats_give_only_their_within_stage1_pairs_as_the_stage2_floor() -> None:
+    layers = synthetic_layers(20)
+    both = {"10": 0.6, "30": 0.7}  # spans Stage-1 seeds: not a Stage-2 floor
+    with_within = {"n": 4, "stage1_runs": 2, "stage2_runs": 2, "top_overlap": both, "stage2_top_overlap": {"10": 0.9}}
+    without = {"n": 2, "stage1_runs": 2, "stage2_runs": 1, "top_overlap": both}
+    a = ranking_from_order(layers, list(range(20)), "ila", measured("x", 0, repeats=with_within))
+    b = ranking_from_order(layers, list(range(20))[::-1], "ila", measured("x", 1, repeats=without))
+    result = compare_rankings([a, b], ["a", "b"], k_percents=[10, 30])
+    assert result.rankings[0]["stage2_repeats"] == 2
+    assert result.rankings[0]["stage2_noise_floor"] == {"10": 0.9, "30": None}
+    assert result.rankings[1]["stage2_repeats"] is None and result.rankings[1]["stage2_noise_floor"] is None
+
+
+def test_a_mean_over_runs_is_no_seed_pair_of_a_single_run() -> None:
+    layers = synthetic_layers(12)
+    orders = [[int(i) for i in np.random.default_rng(s).permutation(len(layers))] for s in (30, 31, 32, 33)]
+    mean3 = {"n": 3, "stage1_runs": 3, "top_overlap": {"30": 0.8}}
+    single0 = ranking_from_order(layers, orders[0], "ila", measured("x", 0, data_sha256="x"))
+    single1 = ranking_from_order(layers, orders[1], "ila", measured("x", 1, data_sha256="x"))
+    mean_a = ranking_from_order(layers, orders[2], "ila", measured("x", 2, data_sha256="x", repeats=mean3))
+    mean_b = ranking_from_order(layers, orders[3], "ila", measured("x", 3, data_sha256="x", repeats=mean3))
+    result = compare_rankings([single0, single1, mean_a, mean_b], ["s0", "s1", "m2", "m3"], k_percents=[30])
+    assert [r["group"] for r in result.rankings] == ["g1", "g1", "g2", "g2"]
+    assert [(p.a, p.b) for p in result.levels[0].pairs if p.seed_pair] == [("s0", "s1"), ("m2", "m3")]

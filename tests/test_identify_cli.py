@@ -293,6 +293,41 @@ def test_repeats_give_rank_intervals_and_repeat_0_is_the_default_run(
         assert rows and {"mean_gamma", "topk_jaccard"} <= set(rows[0])
 
 
+def test_repeat_stage1_reruns_both_stages_from_the_base_model(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, fast_overrides: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["-q", "identify", "--model", str(tiny_model_dir), "--data", str(tiny_data)]
+    both = ["--output", str(tmp_path / "both"), "--repeats", "2", "--repeat-stage1"]
+    code, out, _ = cli(capsys, *base, *both, *fast_overrides, "stage1.seed=5", "stage2.seed=11")
+    assert code == 0 and "stage 1 seed and stage 2 batch order" in out
+    # each repeat must equal a run of its own: the second Stage 1 starts again from the untouched base model
+    for name, (seed1, seed2) in (("first", (5, 11)), ("second", (6, 12))):
+        seeds = [f"stage1.seed={seed1}", f"stage2.seed={seed2}"]
+        assert cli(capsys, *base, "--output", str(tmp_path / name), *fast_overrides, *seeds)[0] == 0
+    info = json.loads((tmp_path / "both" / "ranking.json").read_text(encoding="utf-8"))["info"]
+    repeats = info["repeats"]
+    assert (repeats["n"], repeats["stage1_runs"], repeats["stage2_runs"]) == (2, 2, 1)
+    assert [run["seed"] for run in repeats["stage1"]] == [5, 6] and repeats["seeds"] == [11, 12]
+    for i, name in enumerate(("first", "second")):
+        single = json.loads((tmp_path / name / "ranking.json").read_text(encoding="utf-8"))
+        assert repeats["scores"][i] == {e["name"]: e["score"] for e in single["layers"]}
+        assert repeats["stage1"][i]["heldout_stage1"] == single["info"]["heldout_loss"]["stage1"]
+    assert repeats["scores"][0] != repeats["scores"][1]
+    mean_stage1 = (repeats["stage1"][0]["heldout_stage1"] + repeats["stage1"][1]["heldout_stage1"]) / 2
+    assert info["heldout_loss"]["stage1"] == pytest.approx(mean_stage1)
+    for folder in ("stage1/adapter", "stage1-1/adapter", "stage2", "stage2-1"):
+        assert (tmp_path / "both" / folder).is_dir()
+    first = load_file(str(tmp_path / "both" / "stage1" / "adapter" / "adapter_model.safetensors"))
+    second = load_file(str(tmp_path / "both" / "stage1-1" / "adapter" / "adapter_model.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert "Stage-1 seed 6 (`stage1-1/`)" in (tmp_path / "both" / "report.md").read_text(encoding="utf-8")
+
+
+def test_repeat_stage1_needs_repeats(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "identify", "--repeat-stage1")
+    assert_one_line_error(code, err, "--repeat-stage1 needs --repeats N")
+
+
 def test_runs_on_two_data_sets_do_not_share_seeds() -> None:
     from ila.identify import stage1_seed, stage2_seed
 

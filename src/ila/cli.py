@@ -23,6 +23,7 @@ IDENTIFY_EXAMPLES = f"""examples:
   ila identify --model ./my-llama --data train.jsonl --output runs/llama-lima
   ila identify --config run.yaml stage1.max_epochs=2 stage2.budget=0.2
   ila identify --repeats 3                      # Stage 2 under 3 batch orders: rank intervals, noise floor
+  ila identify --repeats 3 --repeat-stage1      # Stage 1 and Stage 2 under 3 seeds: the ranking averages them
   ila identify --from-run runs/llama-lima --milestone 25   # Stage 2 on the 25% checkpoint, no retraining
   ila identify --resume runs/llama-lima                    # continue after an interruption (kill -9 included)
 
@@ -131,7 +132,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit status 2 like every other user error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"ila: error: {message} (see ila {self.prog.split()[-1]} --help)\n")
+        sys.stderr.write(f"ila: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(EXIT_USER_ERROR)
 
 
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="Stage 2 under N batch orders on one Stage 1 (stage2.repeats): mean scores, each layer's rank "
         "interval and the Stage-2 noise floor in ranking.json",
+    )
+    identify.add_argument(
+        "--repeat-stage1",
+        action="store_true",
+        help="with --repeats N: rerun Stage 1 under N seeds too, each with one Stage 2 (stage1.repeats=N); the "
+        "ranking sorts the mean score and the floor covers both stages",
     )
     identify.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
     identify.add_argument("--from-run", help="an earlier identify run folder (with --milestone)")
@@ -458,8 +465,10 @@ def _identify(args: argparse.Namespace) -> int:
         extra.setdefault("run", {})["output"] = args.output
     if args.seed is not None:
         extra.setdefault("run", {})["seed"] = args.seed
+    if args.repeat_stage1 and args.repeats is None:
+        raise IlaError("--repeat-stage1 needs --repeats N (how many Stage-1 seeds)")
     if args.repeats is not None:
-        extra.setdefault("stage2", {})["repeats"] = args.repeats
+        extra.setdefault("stage1" if args.repeat_stage1 else "stage2", {})["repeats"] = args.repeats
     cfg = load_config(IdentifyConfig, args.config, args.overrides, extra)
     if args.print_config:
         import yaml
@@ -498,7 +507,8 @@ def _print_summary(result: object) -> None:
     repeats = result.ranking.info.get("repeats")
     if repeats:
         floor = ", ".join(f"top {k}% {v:.3f}" for k, v in repeats["top_overlap"].items())
-        print(f"stage-2 noise floor over {repeats['n']} batch orders (mean Jaccard): {floor}")
+        varies = repeats.get("varies", "stage 2 batch order")
+        print(f"noise floor over {repeats['n']} runs differing in {varies} (mean Jaccard): {floor}")
     print("where the time went: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     print("peak memory: " + ", ".join(f"{k} {v:.2f}" for k, v in result.memory.items()))
     print("top 10 layers:")

@@ -248,24 +248,31 @@ def _key_part(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def measurement_key(ranking: Ranking) -> tuple[str, str | None, str | None, str | None, str | None]:
-    """What a ranking measured, up to its seed: (method, model, data, milestone, Stage-2 sparsity form). The model's
-    and the data's fingerprints stand in for their names where recorded, so a moved or renamed copy is the same
-    measurement; two ILA rankings with different sparsity forms differ by design, not by the seed."""
+MeasurementKey = tuple[str, str | None, str | None, str | None, str | None, str | None]
+
+
+def measurement_key(ranking: Ranking) -> MeasurementKey:
+    """What a ranking measured, up to its seed: (method, model, data, milestone, Stage-2 sparsity form, runs
+    averaged). The model's and the data's fingerprints stand in for their names where recorded, so a moved or
+    renamed copy is the same measurement; two ILA rankings with different sparsity forms differ by design, not by
+    the seed, and a mean over several runs is less noisy than one run, so it is no seed pair of a single run."""
     info = ranking.info
+    repeats = info.get("repeats")
+    averaged = (repeats.get("stage1_runs", 1), repeats.get("n")) if isinstance(repeats, dict) else None
     return (
         ranking.method,
         _key_part(info.get("model_fingerprint") or info.get("model")),
         _key_part(info.get("data_sha256") or info.get("data")),
         _key_part(info.get("milestone")),
         _key_part(info.get("sparsity")),
+        _key_part(averaged),
     )
 
 
 def seed_groups(rankings: Sequence[Ranking]) -> list[int | None]:
     """Per ranking, its group (0, 1, ... in order of first appearance): rankings with one measurement key. A ranking
     without info["seed"] (most baselines) is in no group, since nothing says which runs differ only in the seed."""
-    numbers: dict[tuple[str, str | None, str | None, str | None, str | None], int] = {}
+    numbers: dict[MeasurementKey, int] = {}
     out: list[int | None] = []
     for ranking in rankings:
         if ranking.info.get("seed") is None:
@@ -309,9 +316,13 @@ def stage2_noise_floor(ranking: Ranking, percents: Sequence[float]) -> tuple[int
     repeats = ranking.info.get("repeats")
     if not isinstance(repeats, dict):
         return None, {}
-    top = repeats.get("top_overlap")
+    # with Stage-1 repeats, top_overlap spans both stages; the Stage-2 floor is the pairs that share a Stage 1
+    stage1_runs = repeats.get("stage1_runs", 1)
+    top = repeats.get("top_overlap") if stage1_runs == 1 else repeats.get("stage2_top_overlap")
+    if top is None:
+        return None, {}
     top = top if isinstance(top, dict) else {}
-    n = repeats.get("n")
+    n = repeats.get("stage2_runs", repeats.get("n"))
     floors: dict[str, float | None] = {}
     for percent in percents:
         value = top.get(f"{percent:g}")
@@ -563,7 +574,7 @@ def _describe_groups(
     out = []
     for group in sorted({g for g in groups if g is not None}):
         members = [i for i, g in enumerate(groups) if g == group]
-        method, _, _, milestone, _ = measurement_key(rankings[members[0]])
+        method, _, _, milestone, _, _ = measurement_key(rankings[members[0]])
         info = rankings[members[0]].info
         out.append(
             {

@@ -96,10 +96,13 @@ class Stage1Config:
     stop_rule: Literal["profile", "update", "loss", "either", "steps"] = "profile"  # either: profile or loss
     milestones: tuple[int, ...] = (25, 50, 75, 100)  # percent of the steps Stage 1 ran (at the nearest check)
     seed: int | None = None  # LoRA initialisation and batch order; None: derived from run.seed and the data
+    repeats: int = 1  # Stage 1 under N seeds, each with its own Stage 2; the ranking sorts the mean score
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.batch_size < 1 or self.window < 1 or self.patience < 1:
-            raise IlaError("stage1.max_steps, stage1.batch_size, stage1.window and stage1.patience must be >= 1")
+        if min(self.max_steps, self.batch_size, self.window, self.patience, self.repeats) < 1:
+            raise IlaError(
+                "stage1.max_steps, stage1.batch_size, stage1.window, stage1.patience and stage1.repeats must be >= 1"
+            )
         if self.max_epochs is not None and not self.max_epochs > 0:
             raise IlaError(f"stage1.max_epochs={self.max_epochs} must be > 0 (or none for the step cap alone)")
         if not self.lr > 0:

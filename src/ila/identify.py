@@ -26,7 +26,7 @@ from ila.config import IdentifyConfig, build_config, config_to_dict, read_yaml
 from ila.errors import IlaError, NonFiniteLossError
 from ila.identify_report import write_identify_report
 from ila.layers import Layer, discover_layers
-from ila.lora_adapters import LayerMask, load_lora
+from ila.lora_adapters import LayerMask, load_lora, remove_lora
 from ila.model_loading import LoadedModel, load_model, pick_device
 from ila.plots import plot_heatmap
 from ila.ranking import Ranking, rank_layers
@@ -83,6 +83,11 @@ def setup_runtime(cfg: IdentifyConfig) -> torch.device:
 
 def prepare_inputs(cfg: IdentifyConfig, timings: Timings) -> tuple[LoadedModel, list[Layer], SftData]:
     """Load and check everything a run needs; raises IlaError before anything is written."""
+    if cfg.stage1.repeats > 1 and sharding.fsdp_enabled():
+        raise IlaError(
+            "stage1.repeats > 1 is not supported under FSDP (a sharded model cannot drop its LoRA layers); "
+            "run one identify per seed (--seed) and average with ila compare, or launch without FSDP"
+        )
     device = setup_runtime(cfg)
     with timings.measure("load model"):
         loaded = load_model(cfg.model, device)
@@ -102,17 +107,29 @@ def _mask_loss(
         return heldout_loss(model, batches, device)
 
 
-def stage1_seed(cfg: IdentifyConfig, data: SftData) -> int:
-    """Stage 1's LoRA initialisation and batch order: pinned by stage1.seed, else derived from run.seed and the
-    data, so that runs of one seed on two data sets do not share an initialisation."""
+def stage1_seed(cfg: IdentifyConfig, data: SftData, repeat: int = 0) -> int:
+    """Stage 1's LoRA initialisation and batch order: pinned by stage1.seed (+ repeat), else derived from run.seed
+    and the data, so that runs of one seed on two data sets do not share an initialisation. Repeat 0 is the
+    seed of a run without repeats."""
     if cfg.stage1.seed is not None:
-        return cfg.stage1.seed
-    return derive_seed(cfg.run.seed, "stage1", data.stats.fingerprint)
+        return cfg.stage1.seed + repeat
+    if repeat == 0:
+        return derive_seed(cfg.run.seed, "stage1", data.stats.fingerprint)
+    return derive_seed(cfg.run.seed, "stage1", data.stats.fingerprint, repeat)
+
+
+def stage1_folders(run_dir: Path, repeat: int) -> tuple[Path, Path]:
+    """Where Stage 1 and its Stage 2 write for one Stage-1 repeat: stage1/ and stage2/ for the first (as in a run
+    without repeats), stage1-<i>/ and stage2-<i>/ for the others."""
+    if repeat == 0:
+        return run_dir / "stage1", run_dir / "stage2"
+    return run_dir / f"stage1-{repeat}", run_dir / f"stage2-{repeat}"
 
 
 def stage2_seed(cfg: IdentifyConfig, data: SftData, adapter: str, repeat: int) -> int:
-    """Stage 2's batch order for one repeat: pinned by stage2.seed (+ repeat), else derived from run.seed, the
-    data and the Stage-1 adapter (final or milestone), so milestone and cross-data runs get their own order."""
+    """Stage 2's batch order for one repeat (numbered across all Stage-1 repeats): pinned by stage2.seed
+    (+ repeat), else derived from run.seed, the data and the Stage-1 adapter (final, final-<i> or milestone), so
+    milestone and cross-data runs get their own order."""
     if cfg.stage2.seed is not None:
         return cfg.stage2.seed + repeat
     return derive_seed(cfg.run.seed, "stage2", data.stats.fingerprint, adapter, repeat)
@@ -129,18 +146,19 @@ def _delta_norm_mask_loss(
     return _mask_loss(model, layers, set(by_size.top_fraction(cfg.run.report_top_fraction)), batches, device)
 
 
-def _stage2_and_rank(
+def _stage2_runs(
     cfg: IdentifyConfig,
     loaded: LoadedModel,
     peft_model: torch.nn.Module,
     layers: list[Layer],
     data: SftData,
     timings: Timings,
-    info: dict[str, Any],
     adapter: str,
     checkpoint_dir: Path,
-) -> tuple[Stage2Result, Ranking]:
-    """Stage 2 once per repeat (its own batch order each); the ranking sorts the mean score over the repeats."""
+    first: int = 0,
+) -> list[Stage2Result]:
+    """Stage 2 once per `stage2.repeats` on one Stage-1 model, each under its own batch order; `first` numbers
+    the first of them among all Stage-2 runs of the identify run."""
     pad_id = int(loaded.tokenizer.pad_token_id)
     repeats = cfg.stage2.repeats
     results: list[Stage2Result] = []
@@ -153,7 +171,7 @@ def _stage2_and_rank(
                     layers,
                     data.train,
                     cfg.stage2,
-                    stage2_seed(cfg, data, adapter, repeat),
+                    stage2_seed(cfg, data, adapter, first + repeat),
                     pad_id,
                     loaded.device,
                     folder / "checkpoint.pt",
@@ -161,31 +179,60 @@ def _stage2_and_rank(
                 )
             )
         write_csv(folder / "trace.csv", results[-1].trace)  # the convergence trace: γ spread, top-K Jaccard
+    return results
+
+
+def rank_repeats(
+    layers: list[Layer], groups: list[list[Stage2Result]], info: dict[str, Any]
+) -> tuple[Stage2Result, Ranking]:
+    """The ranking from every Stage-2 run, grouped by the Stage-1 model it ran on: one run ranks by its scores;
+    several rank by the mean score, with each layer's rank interval and the noise floor in info["repeats"]."""
+    results = [result for group in groups for result in group]
     stage2 = results[0]
+    many = len(results) > 1
     info.update(
-        stage2_seed=[r.seed for r in results] if repeats > 1 else stage2.seed,
-        stage2_steps=[r.loop.steps_run for r in results] if repeats > 1 else stage2.loop.steps_run,
-        stage2_converged_at=[r.converged_at for r in results] if repeats > 1 else stage2.converged_at,
+        stage2_seed=[r.seed for r in results] if many else stage2.seed,
+        stage2_steps=[r.loop.steps_run for r in results] if many else stage2.loop.steps_run,
+        stage2_converged_at=[r.converged_at for r in results] if many else stage2.converged_at,
         stage2_penalty=stage2.penalty,
         stage2_gain=stage2.gain,
     )
-    if repeats == 1:
+    if not many:
         return stage2, rank_layers(layers, stage2.scores, "ila", stage2.gammas, info)
     scores = [statistics.fmean(values) for values in zip(*(r.scores for r in results), strict=True)]
-    singles = [rank_layers(layers, r.scores, "ila") for r in results]
+    grouped = [[rank_layers(layers, r.scores, "ila") for r in group] for group in groups]
+    singles = [single for group in grouped for single in group]
     ranks = [single.ranks() for single in singles]
     intervals = [(min(rk[layer.name] for rk in ranks), max(rk[layer.name] for rk in ranks)) for layer in layers]
-    info["repeats"] = {
-        "n": repeats,
+    repeats: dict[str, Any] = {
+        "n": len(results),
+        "stage1_runs": len(groups),
+        "stage2_runs": len(groups[0]),
+        "varies": "stage 2 batch order" if len(groups) == 1 else "stage 1 seed and stage 2 batch order",
         "top_overlap": {f"{p:g}": repeat_overlap(singles, p / 100) for p in REPEAT_OVERLAP_PERCENTS},
         "seeds": [r.seed for r in results],
         "scores": [{layer.name: score for layer, score in zip(layers, r.scores, strict=True)} for r in results],
     }
+    if len(groups) > 1 and len(groups[0]) > 1:  # the Stage-2 floor alone: pairs that share their Stage 1
+        repeats["stage2_top_overlap"] = {
+            f"{p:g}": statistics.fmean(repeat_overlap(group, p / 100) for group in grouped)
+            for p in REPEAT_OVERLAP_PERCENTS
+        }
+    info["repeats"] = repeats
     gammas = [1.0 / (1.0 + math.exp(-s)) for s in scores]
     merged = Stage2Result(scores, gammas, stage2.loop, stage2.trace, stage2.converged_at, stage2.penalty, stage2.gain)
     for extra in results[1:]:  # the loop summary covers every repeat's steps
         merged.loop.step_seconds = merged.loop.step_seconds + extra.loop.step_seconds
     return merged, rank_layers(layers, scores, "ila", gammas, info, intervals)
+
+
+def _each_stage1_model(peft_model: torch.nn.Module, runs: list[Stage1Result]) -> Iterator[torch.nn.Module]:
+    """The model of each Stage-1 repeat in turn: the last one as it is still attached, then the others reloaded
+    from their saved adapters."""
+    yield peft_model
+    for run in runs[:-1]:
+        peft_model = load_lora(remove_lora(peft_model), run.adapter_dir)  # type: ignore[arg-type]
+        yield peft_model
 
 
 REPEAT_OVERLAP_PERCENTS = (10, 25, 30, 50)
@@ -252,30 +299,65 @@ def _execute(
     try:
         with timings.measure("held-out evaluation"):
             heldout["base"] = heldout_loss(loaded.model, heldout_batches, device)
-        with timings.measure("stage 1"):
-            peft_model, stage1 = run_stage1(
-                loaded.model,
-                layers,
-                data.train,
-                cfg.lora,
-                cfg.stage1,
-                stage1_seed(cfg, data),
-                pad_id,
-                device,
-                run_dir / "stage1",
-                cfg.run.checkpoint_every,
-                cfg.run.compile,
-            )
-        with timings.measure("held-out evaluation"):
-            heldout["stage1"] = heldout_loss(peft_model, heldout_batches, device)
+        stage1_runs: list[Stage1Result] = []
+        stage1_losses: list[float] = []
+        groups: list[list[Stage2Result]] = []
+        model: torch.nn.Module = loaded.model
+        for repeat in range(cfg.stage1.repeats):
+            stage1_dir, stage2_dir = stage1_folders(run_dir, repeat)
+            with timings.measure("stage 1"):
+                peft_model, stage1 = run_stage1(
+                    model,
+                    layers,
+                    data.train,
+                    cfg.lora,
+                    cfg.stage1,
+                    stage1_seed(cfg, data, repeat),
+                    pad_id,
+                    device,
+                    stage1_dir,
+                    cfg.run.checkpoint_every,
+                    cfg.run.compile,
+                )
+            stage1_runs.append(stage1)
+            with timings.measure("held-out evaluation"):
+                stage1_losses.append(heldout_loss(peft_model, heldout_batches, device))
+            adapter = "final" if repeat == 0 else f"final-{repeat}"
+            first = repeat * cfg.stage2.repeats
+            groups.append(_stage2_runs(cfg, loaded, peft_model, layers, data, timings, adapter, stage2_dir, first))
+            if repeat + 1 < cfg.stage1.repeats:
+                model = remove_lora(peft_model)  # the next Stage 1 starts again from the base model
+        stage1 = stage1_runs[0]
         info = _ranking_info(cfg, loaded, data, milestone=None, stage1=stage1)
-        stage2, ranking = _stage2_and_rank(
-            cfg, loaded, peft_model, layers, data, timings, info, "final", run_dir / "stage2"
-        )
+        stage2, ranking = rank_repeats(layers, groups, info)
         top = set(ranking.top_fraction(cfg.run.report_top_fraction))
+        masked: list[tuple[float, float]] = []
         with timings.measure("held-out evaluation"):
-            heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
-            heldout["delta_norm_top_mask"] = _delta_norm_mask_loss(cfg, peft_model, layers, heldout_batches, device)
+            for model_i in _each_stage1_model(peft_model, stage1_runs):
+                masked.append(
+                    (
+                        _mask_loss(model_i, layers, top, heldout_batches, device),
+                        _delta_norm_mask_loss(cfg, model_i, layers, heldout_batches, device),
+                    )
+                )
+        heldout["stage1"] = statistics.fmean(stage1_losses)
+        heldout["stage1_top_mask"] = statistics.fmean(m[0] for m in masked)
+        heldout["delta_norm_top_mask"] = statistics.fmean(m[1] for m in masked)
+        if len(stage1_runs) > 1:
+            order = [len(stage1_runs) - 1, *range(len(stage1_runs) - 1)]  # the order _each_stage1_model went in
+            by_repeat = dict(zip(order, masked, strict=True))
+            ranking.info["repeats"]["stage1"] = [
+                {
+                    "seed": stage1_seed(cfg, data, i),
+                    "steps": run.steps,
+                    "stopped_by": run.stopped_by,
+                    "fired_at": run.fired_at,
+                    "heldout_stage1": stage1_losses[i],
+                    "heldout_top_mask": by_repeat[i][0],
+                    "heldout_delta_norm_top_mask": by_repeat[i][1],
+                }
+                for i, run in enumerate(stage1_runs)
+            ]
     except NonFiniteLossError as err:
         manifest.update(status="failed", error=str(err), timings=timings.seconds, memory=peak_memory())
         write_json(run_dir / "manifest.json", manifest)
@@ -333,9 +415,8 @@ def run_milestone(
             mask.values = torch.zeros(len(layers), device=device)
             heldout["base"] = heldout_loss(peft_model, heldout_batches, device)
     info = _ranking_info(cfg, loaded, data, milestone=milestone, stage1=None)
-    stage2, ranking = _stage2_and_rank(
-        cfg, loaded, peft_model, layers, data, timings, info, f"milestone-{milestone}", out / "stage2"
-    )
+    runs = _stage2_runs(cfg, loaded, peft_model, layers, data, timings, f"milestone-{milestone}", out / "stage2")
+    stage2, ranking = rank_repeats(layers, [runs], info)
     top = set(ranking.top_fraction(cfg.run.report_top_fraction))
     heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
     heldout["delta_norm_top_mask"] = _delta_norm_mask_loss(cfg, peft_model, layers, heldout_batches, device)

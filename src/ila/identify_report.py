@@ -77,10 +77,21 @@ def write_identify_report(
     repeats = ranking.info.get("repeats")
     if repeats:
         floor = ", ".join(f"top {k}% {v:.3f}" for k, v in repeats["top_overlap"].items())
+        varies = repeats.get("varies", "stage 2 batch order")
         lines.append(
-            f"- Stage 2 repeated under {repeats['n']} batch orders; the ranking sorts the mean score. Noise floor "
-            f"(mean Jaccard between repeats): {floor}. `ranking.csv` gives each layer's rank interval."
+            f"- {repeats['n']} runs differing in {varies}; the ranking sorts the mean score. Noise floor "
+            f"(mean Jaccard between runs): {floor}. `ranking.csv` gives each layer's rank interval."
         )
+        if "stage2_top_overlap" in repeats:
+            within = ", ".join(f"top {k}% {v:.3f}" for k, v in repeats["stage2_top_overlap"].items())
+            lines.append(f"- Stage-2 floor alone (runs on one Stage 1): {within}.")
+        for i, run in enumerate(repeats.get("stage1", [])):
+            fired = f"fired at step {run['fired_at']}" if run["fired_at"] else run["stopped_by"]
+            lines.append(
+                f"- Stage-1 seed {run['seed']} (`stage1{'' if i == 0 else f'-{i}'}/`): {run['steps']} steps, "
+                f"{fired}; held-out loss {run['heldout_stage1']:.4f}, top {cfg.run.report_top_fraction:.0%} only "
+                f"{run['heldout_top_mask']:.4f}"
+            )
     if stage1 is not None and stage1.loop.step_seconds and stage2.loop.step_seconds:
         ratio = _median(stage2.loop.step_seconds) / _median(stage1.loop.step_seconds)
         lines.append(f"- Stage-2 / Stage-1 median step time: {ratio:.2f}")
@@ -93,6 +104,8 @@ def write_identify_report(
     }
     for key, value in result.heldout.items():
         lines.append(f"| {labels.get(key, key)} | {value:.4f} |")
+    if cfg.stage1.repeats > 1:
+        lines.append(f"\nThe Stage-1 rows are means over the {cfg.stage1.repeats} Stage-1 seeds, each masked alike.")
     base, full, top = (result.heldout.get(k_) for k_ in ("base", "stage1", "stage1_top_mask"))
     if base is not None and full is not None and top is not None and base - full > 1e-9:
         by_size = result.heldout.get("delta_norm_top_mask")
