@@ -2,8 +2,9 @@
 
 Reads selection.json and the model's module tree (the real model with --model, else built on the meta device from
 the config of the model the selection names); writes one file for PEFT (JSON), TRL, axolotl, LLaMA-Factory,
-ms-swift, unsloth or Spectrum-style `unfrozen_parameters` (YAML). Each export is parsed back and applied with the
-trainer's own matching rule; unless that selects exactly the selected modules, nothing is written.
+ms-swift, unsloth or Spectrum-style `unfrozen_parameters` (YAML), or a `requires_grad` recipe (Python) for full
+fine-tuning under TRL or plain transformers. Each export is parsed back (the recipe is run) and applied with every
+matching rule it claims; unless each selects exactly the selected modules, nothing is written.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 import json
 import logging
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +37,22 @@ Method = Literal["lora", "full"]
 # Which methods each trainer can express; the first is the default.
 METHODS: dict[str, tuple[Method, ...]] = {
     "peft": ("lora",),
-    "trl": ("lora",),
+    "trl": ("lora", "full"),
     "unsloth": ("lora",),
     "axolotl": ("lora", "full"),
     "llama-factory": ("lora", "full"),
     "ms-swift": ("lora", "full"),
     "spectrum": ("full",),
 }
+
+
+@dataclass(frozen=True)
+class BlockPath:
+    """Which selected modules of one block run in unsloth's fused LoRA kernels and which on PEFT's plain forward."""
+
+    block: int
+    fused: list[str]  # module types, e.g. "self_attn.q_proj"
+    slow: list[str]
 
 
 @dataclass
@@ -53,6 +64,12 @@ class Export:
     text: str
     checks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unsloth_paths: list[BlockPath] = field(default_factory=list)  # unsloth only: per block with a selected module
+
+
+def default_dropout(target: str) -> float:
+    """LoRA dropout when none is given: 0.05, but 0 for unsloth, whose fused kernels run only without dropout."""
+    return 0.0 if target == "unsloth" else 0.05
 
 
 # ------------------------------------------------------------------------------------------ patterns
@@ -95,8 +112,19 @@ def parameter_regex(layers: Sequence[SelectedLayer]) -> str:
 
 
 def axolotl_patterns(layers: Sequence[SelectedLayer]) -> list[str]:
-    """axolotl/Spectrum `unfrozen_parameters`: one anchored pattern per weight; axolotl escapes the dots itself."""
+    """axolotl `unfrozen_parameters`: one anchored pattern per weight; axolotl escapes the dots itself."""
     return [f"^{layer.name}.weight$" for layer in layers]
+
+
+def spectrum_entries(layers: Sequence[SelectedLayer]) -> list[str]:
+    """Spectrum-style `unfrozen_parameters`: the exact weight names, so that axolotl's rule (a pattern matches from
+    the start) and Spectrum's README recipe (an entry is a substring of the name) read them alike.
+
+    An anchored `^name$` contains characters no parameter name has, so the substring rule would match nothing.
+    Each rule selects every name that starts with (or contains) an entry, so no entry can be narrower than the
+    full name: if these select too much on a model, no list of entries can select exactly the selection.
+    """
+    return [f"{layer.name}.weight" for layer in layers]
 
 
 # -------------------------------------------------- the trainers' matching rules, applied to the model
@@ -106,6 +134,28 @@ def axolotl_unfrozen(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Parameters axolotl leaves trainable: each '.' not followed by '+' is escaped, then `re.match`."""
     compiled = [re.compile(re.sub(r"\.(?!\+)", r"\\.", p)) for p in patterns]
     return [name for name, _ in model.named_parameters() if any(c.match(name) for c in compiled)]
+
+
+def substring_unfrozen(model: nn.Module, entries: Sequence[str]) -> list[str]:
+    """Parameters Spectrum's README recipe for other trainers unfreezes: those whose name contains an entry."""
+    return [name for name, _ in model.named_parameters() if any(entry in name for entry in entries)]
+
+
+def regex_match_unfrozen(model: nn.Module, entries: Sequence[str]) -> list[str]:
+    """Parameters a plain `re.match(entry, name)` unfreezes ('.' is any character), as some copies of that recipe do."""
+    compiled = [re.compile(entry) for entry in entries]
+    return [name for name, _ in model.named_parameters() if any(c.match(name) for c in compiled)]
+
+
+def axolotl_lora_target_modules(model: nn.Module, config: dict[str, Any]) -> list[str]:
+    """The `target_modules` axolotl hands PEFT: `lora_target_modules`, plus, when `lora_target_linear` is true, the
+    last name part of every `nn.Linear` but lm_head (so every block's projections)."""
+    value = config.get("lora_target_modules") or []
+    targets = list(value) if isinstance(value, list) else [value]
+    if config.get("lora_target_linear"):
+        leaves = {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        targets = sorted(set(targets) | (leaves - {"lm_head"}))
+    return targets
 
 
 def ms_swift_trainable(model: nn.Module, regex: str) -> list[str]:
@@ -135,10 +185,16 @@ def llamafactory_freeze_trainable(
 # -------------------------------------------------------------------------------------------- exporting
 
 
-def _yaml(body: dict[str, Any], head: Sequence[str], *more: str) -> str:
-    """YAML of `body` under comment lines (what it is, how to use it)."""
-    comments = "".join(f"# {line}\n" if line else "#\n" for line in [*head, *more])
-    return comments + yaml.safe_dump(body, sort_keys=False, width=1 << 16)
+def _comments(lines: Sequence[str]) -> str:
+    return "".join(f"# {line}\n" if line else "#\n" for line in lines)
+
+
+def _yaml(body: dict[str, Any], head: Sequence[str], *more: str, why: dict[str, str] | None = None) -> str:
+    """YAML of `body` under comment lines (what it is, how to use it); `why` puts a comment after top-level keys."""
+    lines = yaml.safe_dump(body, sort_keys=False, width=1 << 16).splitlines()
+    for key, comment in (why or {}).items():
+        lines = [f"{line}  # {comment}" if line.startswith(f"{key}: ") else line for line in lines]
+    return _comments([*head, *more]) + "\n".join(lines) + "\n"
 
 
 def _lora_kwargs(names: list[str] | str, lora: LoraSettings, fan_in_fan_out: bool) -> dict[str, Any]:
@@ -173,14 +229,14 @@ class _Checker:
         self.fan_in_fan_out = any(isinstance(modules[name], Conv1D) for name in self.names)
         self.checks: list[str] = []
 
-    def _compare(self, what: str, got: Sequence[str], wanted: Sequence[str], noun: str) -> None:
+    def _compare(self, what: str, got: Sequence[str], wanted: Sequence[str], noun: str, hint: str = "") -> None:
         extra, missing = sorted(set(got) - set(wanted)), sorted(set(wanted) - set(got))
         if extra or missing:
             problems = ([f"{len(extra)} extra {noun} (e.g. {extra[0]})"] if extra else []) + (
                 [f"{len(missing)} selected {noun} missing (e.g. {missing[0]})"] if missing else []
             )
             raise IlaError(
-                f"export check failed: {what} on {self.label} gives {' and '.join(problems)}; nothing was written"
+                f"export check failed: {what} on {self.label} gives {' and '.join(problems)}{hint}; nothing was written"
             )
         self.checks.append(f"{what}: exactly the {len(wanted)} selected {noun} on {self.label}")
 
@@ -191,8 +247,8 @@ class _Checker:
     def module_regex(self, what: str, regex: str) -> None:
         self._compare(f"{what} (re.fullmatch on module names)", regex_modules(self.model, regex), self.names, "modules")
 
-    def parameters(self, what: str, got: Sequence[str]) -> None:
-        self._compare(what, got, self.weights, "weights")
+    def parameters(self, what: str, got: Sequence[str], hint: str = "") -> None:
+        self._compare(what, got, self.weights, "weights", hint)
 
 
 def export_selection(
@@ -209,13 +265,10 @@ def export_selection(
     allowed = METHODS[target]
     method = method or allowed[0]
     if method not in allowed:
-        hint = (
-            "axolotl, llama-factory, ms-swift or spectrum"
-            if method == "full"
-            else ", ".join(t for t, m in METHODS.items() if "lora" in m)
-        )
+        hint = ", ".join(t for t, m in METHODS.items() if method in m)
         raise IlaError(f"{target} cannot express {method} fine-tuning of chosen layers; use --to {hint}")
-    lora = lora or LoraSettings(r=selection.rule.lora_r, alpha=2 * selection.rule.lora_r)
+    r = selection.rule.lora_r
+    lora = lora or LoraSettings(r=r, alpha=2 * r, dropout=default_dropout(target))
     check = _Checker(model, selection, model_label)
     names = selection.names()
     head = [
@@ -223,7 +276,10 @@ def export_selection(
         f"ranking: {selection.ranking_method} ({selection.ranking_path or 'no file'}); model: {selection.model}",
     ]
     notes: list[str] = []
-    if target == "peft":
+    unsloth_paths: list[BlockPath] = []
+    if target == "trl" and method == "full":
+        text = _requires_grad_recipe(selection, check, head)
+    elif target == "peft":
         kwargs = _lora_kwargs(names, lora, check.fan_in_fan_out)
         text = json.dumps(kwargs, indent=2) + "\n"
         check.peft_targets("target_modules list", json.loads(text)["target_modules"])
@@ -255,6 +311,12 @@ def export_selection(
         check.peft_targets("--lora_target_modules regex", value)
         check.peft_targets("Python LoraConfig kwargs", python["target_modules"])
     elif target == "unsloth":
+        head_names = [name for name in names if name.split(".")[-1] == "lm_head"]
+        if head_names:
+            raise IlaError(
+                f"unsloth moves {head_names[0]} from target_modules to modules_to_save and trains the whole matrix, "
+                "not a LoRA on it; export this selection with --to peft or trl, or select without the output head"
+            )
         body = {
             "r": lora.r,
             "lora_alpha": lora.alpha,
@@ -262,15 +324,22 @@ def export_selection(
             "bias": "none",
             "target_modules": names,
         }
-        warning = (
-            "unsloth accepts custom target_modules, but modules outside its standard projection names "
-            "(full module names included) lose its fused LoRA kernels: expect slower steps"
-        )
+        unsloth_paths = unsloth_fast_paths(selection, model, lora.dropout)
+        path_lines = _unsloth_path_lines(unsloth_paths, lora.dropout)
         text = _yaml(
-            body, head, "Python: FastLanguageModel.get_peft_model(model, **THIS_MAPPING)", f"WARNING: {warning}"
+            body,
+            head,
+            "Python: FastLanguageModel.get_peft_model(model, **THIS_MAPPING)",
+            "unsloth prints 'You added custom modules' for full module names; which modules run its fused LoRA",
+            "kernels depends only on which get LoRA: per block, q/k/v only together, o_proj alone, gate/up/down",
+            "only together, each without a bias, and only with lora_dropout 0 and bias none. Here:",
+            *(f"  {line}" for line in path_lines),
         )
-        check.peft_targets("target_modules list", yaml.safe_load(text)["target_modules"])
-        notes.append(warning)
+        parsed = yaml.safe_load(text)
+        check.peft_targets("target_modules list", parsed["target_modules"])
+        if unsloth_fast_paths(selection, model, parsed["lora_dropout"]) != unsloth_paths or parsed["bias"] != "none":
+            raise IlaError("export check failed: the unsloth file's dropout or bias differs from what was reported")
+        notes.extend(path_lines)
     elif target == "axolotl":
         if method == "lora":
             body = {
@@ -279,9 +348,20 @@ def export_selection(
                 "lora_alpha": lora.alpha,
                 "lora_dropout": lora.dropout,
                 "lora_target_modules": names,
+                "lora_target_linear": False,
             }
-            text = _yaml(body, head, "Merge these keys into your axolotl config (base_model, datasets, ...).")
-            check.peft_targets("lora_target_modules list", yaml.safe_load(text)["lora_target_modules"])
+            text = _yaml(
+                body,
+                head,
+                "Merge these keys into your axolotl config (base_model, datasets, ...); they replace yours.",
+                why={"lora_target_linear": "true (as in many axolotl examples) adds every linear layer to the targets"},
+            )
+            # Merged over a config that sets lora_target_linear: true, as many of axolotl's examples do.
+            merged = {"lora_target_linear": True, **yaml.safe_load(text)}
+            check.peft_targets(
+                "lora_target_modules over lora_target_linear: true (axolotl rule)",
+                axolotl_lora_target_modules(model, merged),
+            )
         else:
             body = {"unfrozen_parameters": axolotl_patterns(selection.layers)}
             text = _yaml(
@@ -289,22 +369,37 @@ def export_selection(
                 head,
                 "Full fine-tuning of the selected weights only (no adapter); merge into your axolotl config.",
                 "axolotl escapes '.' itself and matches from the start.",
+                *textwrap.wrap(f"WARNING: {SPECTRUM_PLUGIN_WARNING}", 116),
             )
             check.parameters(
                 "unfrozen_parameters (axolotl rule)",
                 axolotl_unfrozen(model, yaml.safe_load(text)["unfrozen_parameters"]),
             )
+            notes.append(SPECTRUM_PLUGIN_WARNING)
     elif target == "spectrum":
-        body = {"unfrozen_parameters": axolotl_patterns(selection.layers)}
+        body = {"unfrozen_parameters": spectrum_entries(selection.layers)}
         text = _yaml(
             body,
             head,
-            "Spectrum-style unfrozen_parameters (axolotl format): full fine-tuning of these weights only.",
-            "Unlike Spectrum's own files, embeddings and lm_head stay frozen unless selected.",
+            "Spectrum-style unfrozen_parameters: full fine-tuning of these weights only. The entries are exact",
+            "parameter names, so axolotl (re.match, '.' literal) and Spectrum's README recipe for other trainers",
+            "(`unfrozen_param in name`) unfreeze the same weights, as does a plain re.match; all three were",
+            "checked on the model. Unlike Spectrum's own files, embeddings and lm_head stay frozen unless selected.",
+            *textwrap.wrap(f"WARNING: {SPECTRUM_PLUGIN_WARNING}", 116),
         )
-        check.parameters(
-            "unfrozen_parameters (axolotl rule)", axolotl_unfrozen(model, yaml.safe_load(text)["unfrozen_parameters"])
+        entries = yaml.safe_load(text)["unfrozen_parameters"]
+        refusal = (
+            ": entries must be literal parts of parameter names for Spectrum's README rule and the exact names are "
+            "the narrowest, so no unfrozen_parameters list selects exactly the selection on this model; export with "
+            "--to ms-swift or trl --method full"
         )
+        for rule, unfrozen in (
+            ("axolotl rule", axolotl_unfrozen),
+            ("Spectrum README rule, entry in name", substring_unfrozen),
+            ("plain re.match", regex_match_unfrozen),
+        ):
+            check.parameters(f"unfrozen_parameters ({rule})", unfrozen(model, entries), refusal)
+        notes.append(SPECTRUM_PLUGIN_WARNING)
     elif target == "ms-swift":
         if method == "lora":
             regex = module_regex(selection.layers)
@@ -354,7 +449,132 @@ def export_selection(
         else:
             text, note = _llamafactory_freeze(selection, model, check, head)
             notes.append(note)
-    return Export(target, method, text, check.checks, notes)
+    return Export(target, method, text, check.checks, notes, unsloth_paths)
+
+
+SPECTRUM_PLUGIN_WARNING = (
+    "do not enable axolotl's Spectrum plugin (plugins: axolotl.integrations.spectrum.SpectrumPlugin with "
+    "spectrum_top_fraction) together with this file: it overwrites unfrozen_parameters with its own SNR choice "
+    "plus embeddings and lm_head"
+)
+# unsloth's fused LoRA groups per block (FastLanguageModel.patch_peft_model): q/k/v together, o alone, the MLP together.
+UNSLOTH_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+)
+
+
+def unsloth_fast_paths(selection: Selection, model: nn.Module, dropout: float) -> list[BlockPath]:
+    """Per block of `model.layers`, which selected modules unsloth runs fused: a group is fused only if every module
+    in it gets LoRA and has no bias, and only when dropout is 0 (bias "none" is always exported); the rest of the
+    selection (partial groups, other names, other layouts) runs PEFT's plain LoRA forward."""
+    modules = dict(model.named_modules())
+    selected = set(selection.names())
+    by_block: dict[int, list[str]] = {}
+    for layer in selection.layers:
+        by_block.setdefault(layer.block, []).append(layer.module_type)
+    paths = []
+    for block, types in by_block.items():
+        fused: list[str] = []
+        for group in UNSLOTH_GROUPS:
+            group_names = [f"model.layers.{block}.{t}" for t in group]
+            if dropout == 0 and all(n in selected and getattr(modules[n], "bias", None) is None for n in group_names):
+                fused += group
+        paths.append(BlockPath(block, [t for t in types if t in fused], [t for t in types if t not in fused]))
+    return paths
+
+
+def _unsloth_path_lines(paths: Sequence[BlockPath], dropout: float) -> list[str]:
+    n_fused, n_all = sum(len(p.fused) for p in paths), sum(len(p.fused) + len(p.slow) for p in paths)
+    summary = f"unsloth fast path: {n_fused} of {n_all} selected modules run fused"
+    if dropout != 0:
+        summary += f" (lora_dropout {dropout:g}: unsloth fuses nothing unless it is 0)"
+    lines = [summary]
+    for path in paths:
+        parts = ([f"fused {', '.join(path.fused)}"] if path.fused else []) + (
+            [f"slow {', '.join(path.slow)}"] if path.slow else []
+        )
+        lines.append(f"block {path.block}: {'; '.join(parts)}")
+    return lines
+
+
+def _requires_grad_recipe(selection: Selection, check: _Checker, head: list[str]) -> str:
+    """A self-contained Python file that freezes all but the selected weights by exact name and checks the count;
+    it is run on the model here, and nothing is written unless exactly the selected weights then train."""
+    n_params = selection.trainable_params["full"]
+    if n_params is None:  # older selection files: count on the model instead
+        weights = set(check.weights)
+        n_params = sum(p.numel() for name, p in check.model.named_parameters() if name in weights)
+    comments = [
+        *head,
+        "",
+        "Full fine-tuning of the selected weights only, for TRL's SFTTrainer or a plain transformers Trainer or",
+        "loop. TRL has no unfrozen_parameters option (huggingface/trl#2504), so freeze by exact parameter name:",
+        "",
+        "    from THIS_FILE import freeze_all_but_selection",
+        "    model = AutoModelForCausalLM.from_pretrained(MODEL)",
+        "    freeze_all_but_selection(model)  # before SFTTrainer(...) / Trainer(...) builds the optimizer",
+        "    trainer = SFTTrainer(model=model, args=SFTConfig(...), train_dataset=...)  # no peft_config",
+        "",
+        "DeepSpeed ZeRO-3:",
+        "- freeze before the Trainer (or deepspeed.initialize) is created: ZeRO builds its optimizer and gradient",
+        "  partitions from what requires grad at that moment, and freezing later does not take tensors out of it.",
+        "- ZeRO-3 partitions parameters (inside from_pretrained already when the Trainer's DeepSpeed config is",
+        "  active), so p.numel() is 0 there: count with p.ds_numel, as the check below does.",
+        "- a module with some tensors trainable and some frozen (here the weight trains, a bias stays frozen) is fine.",
+        "Gradient checkpointing: with reentrant checkpoints (use_reentrant=True, older transformers' default) and",
+        "frozen embeddings the selected weights inside checkpointed blocks get no gradient; use",
+        'gradient_checkpointing_kwargs={"use_reentrant": False} or call model.enable_input_require_grads().',
+    ]
+    selected = "".join(f"    {json.dumps(name)},\n" for name in check.weights)
+    text = f"""{_comments(comments)}
+SELECTED = (
+{selected})
+EXPECTED_TENSORS = {len(check.weights)}
+EXPECTED_PARAMETERS = {n_params}
+
+
+def freeze_all_but_selection(model):
+    \"\"\"Freeze every parameter but SELECTED (exact names); raise unless ila's tensor and parameter counts train.\"\"\"
+    wanted = set(SELECTED)
+    named = dict(model.named_parameters())
+    missing = sorted(wanted - set(named))
+    if missing:
+        raise ValueError(
+            f"{{len(missing)}} selected parameters are not in this model (e.g. {{missing[0]}}): call this on the "
+            "model the selection was made for, before PEFT, DDP or torch.compile wrap it"
+        )
+    for name, param in named.items():
+        param.requires_grad_(name in wanted)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_parameters = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)  # ZeRO-3: numel() is 0
+    if (len(trainable), n_parameters) != (EXPECTED_TENSORS, EXPECTED_PARAMETERS):
+        raise RuntimeError(
+            f"{{len(trainable)}} tensors with {{n_parameters}} parameters would train; ila selected "
+            f"{{EXPECTED_TENSORS}} tensors with {{EXPECTED_PARAMETERS}}"
+        )
+    return model
+"""
+    what = "freeze_all_but_selection (run on the model)"
+    check.parameters(what, run_requires_grad_recipe(text, check.model, f"{what} on {check.label}"))
+    return text
+
+
+def run_requires_grad_recipe(text: str, model: nn.Module, label: str = "the recipe") -> list[str]:
+    """Run the recipe's freezing function on `model` and return what it leaves trainable; `model`'s own
+    requires_grad flags are restored afterwards. A failing check inside the recipe becomes an IlaError."""
+    namespace: dict[str, Any] = {}
+    exec(compile(text, "<ila export --to trl --method full>", "exec"), namespace)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        namespace["freeze_all_but_selection"](model)
+        return [name for name, p in model.named_parameters() if p.requires_grad]
+    except (ValueError, RuntimeError) as err:
+        raise IlaError(f"export check failed: {label}: {err}; nothing was written") from None
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
 
 
 def _llamafactory_freeze(selection: Selection, model: nn.Module, check: _Checker, head: list[str]) -> tuple[str, str]:
@@ -449,7 +669,7 @@ def run_export(
 ) -> Export:
     """Load, build, verify, then write atomically; a failed check writes nothing.
 
-    LoRA settings default to the rank the selection was counted with, alpha = 2·r and dropout 0.05.
+    LoRA settings default to the rank the selection was counted with, alpha = 2·r and dropout 0.05 (unsloth: 0).
     """
     out = Path(output)
     if out.is_dir():
@@ -460,7 +680,8 @@ def run_export(
         raise IlaError(f"unknown export target '{target}'; choose one of {', '.join(TARGETS)}")
     selection = load_selection(selection_path)
     r = lora_r or selection.rule.lora_r
-    lora = LoraSettings(r=r, alpha=lora_alpha or 2 * r, dropout=0.05 if lora_dropout is None else lora_dropout)
+    dropout = default_dropout(target) if lora_dropout is None else lora_dropout
+    lora = LoraSettings(r=r, alpha=lora_alpha or 2 * r, dropout=dropout)
     verify_on, label = verification_model(selection, model, meta, trust_remote_code)
     result = export_selection(selection, target, verify_on, label, method, lora)
     atomic_write_text(out, result.text)
