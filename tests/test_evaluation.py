@@ -238,7 +238,7 @@ def test_judge_end_to_end_with_a_local_fake(
         tiny_data,
         tmp_path / "judged",
         adapter=str(adapters["nonzero"]),
-        judge_url="http://judge.invalid",
+        judge_url="https://judge.invalid",
         judge_model="fake",
         judge_examples=2,
         answer_tokens=3,

@@ -469,9 +469,14 @@ def test_existing_output_needs_overwrite(
     code, _, err = cli(capsys, *argv)
     assert_one_line_error(code, err, "already exists", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    code, _, _ = cli(capsys, *argv, "--overwrite")
-    assert code == 0
-    assert (out / "ranking.json").is_file() and not (out / "keep.txt").exists()
+    code, _, err = cli(capsys, *argv, "--overwrite")  # not ila's folder: --overwrite must not delete it
+    assert_one_line_error(code, err, str(out), "holds no ila run")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert cli(capsys, *argv)[0] == 0
+    (out / "stray.txt").write_text("made inside ila's run folder")
+    assert cli(capsys, *argv, "--overwrite")[0] == 0  # ila's own run folder is replaced whole
+    assert (out / "ranking.json").is_file() and not (out / "stray.txt").exists()
 
 
 def run_ila(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -17,6 +17,7 @@ from ila.config import BUNDLED_DATA, DEFAULT_MODEL, IdentifyConfig, load_config
 from ila.errors import IlaError
 
 EXIT_USER_ERROR = 2
+EXIT_NO_INFORMATION = 3  # the run finished, but its ranking carries no information (every score equal)
 
 IDENTIFY_EXAMPLES = f"""examples:
   ila identify                                   # default model ({DEFAULT_MODEL}) on the bundled data
@@ -174,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ranking sorts the mean score and the floor covers both stages",
     )
     identify.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
+    identify.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own code (never taken from a config file or run folder)",
+    )
     identify.add_argument("--from-run", help="an earlier identify run folder (with --milestone)")
     identify.add_argument(
         "--milestone",
@@ -249,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--selection", help="selection.json from `ila select` (default: all layers)")
     finetune.add_argument("--method", choices=["lora", "adalora", "qlora", "full"], help="default lora")
     finetune.add_argument("--config", help="YAML file with sections model, data, lora, finetune, adalora, qlora, run")
+    finetune.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own code (never taken from a config file or run folder)",
+    )
     finetune.add_argument("--output", help="run folder (default runs/finetune-<timestamp>)")
     finetune.add_argument("--seed", type=int, help="random seed (run.seed)")
     finetune.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
@@ -384,6 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare-adapter", metavar="B", help="judge: compare against base model + this adapter")
     evaluate.add_argument("--judge-url", help="OpenAI-compatible endpoint for the pairwise judge (off by default)")
     evaluate.add_argument("--judge-model", help="the judge model's name at --judge-url")
+    evaluate.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own code (never taken from a config file or run folder)",
+    )
+    evaluate.add_argument(
+        "--judge-allow-http",
+        action="store_true",
+        help="allow plain http:// to a judge on another machine (the API key travels unencrypted)",
+    )
     evaluate.add_argument("--config", help="YAML file with sections model, data, evaluate, run")
     evaluate.add_argument(
         "--output",
@@ -422,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     experiment.add_argument("config", help="experiment YAML (paths in it are relative to its folder)")
     experiment.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own code (never taken from a config file or run folder)",
+    )
+    experiment.add_argument(
         "--output", help="experiment folder (default: the YAML's output, else runs/experiment-<config name>)"
     )
     return parser
@@ -444,9 +470,15 @@ def _identify(args: argparse.Namespace) -> int:
             raise IlaError("--milestone and --from-run go together: ila identify --from-run RUN --milestone 25")
         from pathlib import Path
 
-        result = identify.run_milestone(Path(args.from_run), args.milestone, args.overwrite, args.overrides)
+        result = identify.run_milestone(
+            Path(args.from_run),
+            args.milestone,
+            args.overwrite,
+            args.overrides,
+            trust_remote_code=args.trust_remote_code,
+        )
         _print_summary(result)
-        return 0
+        return _exit_for(result)
     if args.resume:
         from pathlib import Path
 
@@ -454,8 +486,9 @@ def _identify(args: argparse.Namespace) -> int:
             raise IlaError(
                 "--resume RUN continues with the run's own config; drop --model/--data/--config/--output and overrides"
             )
-        _print_summary(identify.resume_identify(Path(args.resume)))
-        return 0
+        result = identify.resume_identify(Path(args.resume), trust_remote_code=args.trust_remote_code)
+        _print_summary(result)
+        return _exit_for(result)
     extra: dict[str, dict[str, object]] = {}
     if args.model:
         extra.setdefault("model", {})["name"] = args.model
@@ -465,6 +498,8 @@ def _identify(args: argparse.Namespace) -> int:
         extra.setdefault("run", {})["output"] = args.output
     if args.seed is not None:
         extra.setdefault("run", {})["seed"] = args.seed
+    if args.trust_remote_code:
+        extra.setdefault("model", {})["trust_remote_code"] = True
     if args.repeat_stage1 and args.repeats is None:
         raise IlaError("--repeat-stage1 needs --repeats N (how many Stage-1 seeds)")
     if args.repeats is not None:
@@ -479,7 +514,20 @@ def _identify(args: argparse.Namespace) -> int:
         return 0
     result = identify.run_identify(cfg, overwrite=args.overwrite)
     _print_summary(result)
-    return 0
+    return _exit_for(result)
+
+
+def _exit_for(result: object) -> int:
+    """0, or EXIT_NO_INFORMATION when the ranking cannot mean anything; every warning goes to stderr, one line each."""
+    from ila import distributed
+    from ila.identify import NO_SPREAD, IdentifyResult
+
+    assert isinstance(result, IdentifyResult)
+    warnings = result.ranking.info.get("warnings", [])
+    if distributed.is_main():
+        for warning in warnings:
+            sys.stderr.write(f"ila: warning: {warning} (run folder {result.run_dir})\n")
+    return EXIT_NO_INFORMATION if NO_SPREAD in warnings else 0
 
 
 def _print_summary(result: object) -> None:
@@ -579,6 +627,8 @@ def _finetune(args: argparse.Namespace) -> int:
     ):
         if getattr(args, flag) is not None:
             extra.setdefault(section, {})[key] = getattr(args, flag)
+    if args.trust_remote_code:
+        extra.setdefault("model", {})["trust_remote_code"] = True
     cfg = load_config(FinetuneConfig, args.config, args.overrides, extra)
     if args.print_config:
         import yaml
@@ -715,6 +765,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         extra.setdefault("evaluate", {})["benchmarks"] = [b.strip() for b in args.benchmark.split(",") if b.strip()]
     if args.chat_template:
         extra.setdefault("evaluate", {})["chat_template"] = True
+    if args.trust_remote_code:
+        extra.setdefault("model", {})["trust_remote_code"] = True
+    if args.judge_allow_http:
+        extra.setdefault("evaluate", {})["judge_allow_http"] = True
     cfg = evaluate_config(args.config, args.overrides, extra, args.from_run)
     if args.print_config:
         import yaml
@@ -758,7 +812,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
     from ila.experiment import load_experiment, run_experiment
 
-    cfg = load_experiment(args.config)
+    cfg = load_experiment(args.config, trust_remote_code=args.trust_remote_code)
     output = args.output or cfg.output or str(Path("runs") / f"experiment-{Path(args.config).stem}")
     result = run_experiment(cfg, output)
     print(f"experiment folder: {result.root}")
@@ -823,6 +877,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ila ... | head` closed the pipe: not an error worth a traceback
         sys.stderr.close()
         return 0
+    except OSError as err:  # a file ila writes or reads: full or read-only disk, permissions
+        if err.filename is None:
+            raise
+        sys.stderr.write(f"{error_prefix}ila: error: {err.filename}: {err.strerror or err}\n")
+        return EXIT_USER_ERROR
     except (MemoryError, RuntimeError) as err:
         if isinstance(err, RuntimeError) and not _is_out_of_memory(err):
             raise

@@ -6,7 +6,9 @@ dotted key, because a typo in a config must never silently fall back to a defaul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -17,6 +19,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from ila.errors import IlaError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 BUNDLED_DATA = "bundled"
@@ -54,6 +58,14 @@ class DataConfig:
             raise IlaError(f"data.eval_fraction={self.eval_fraction} must lie strictly between 0 and 1")
         if self.min_response_tokens < 1 or self.min_response_tokens >= self.max_length:
             raise IlaError(f"data.min_response_tokens={self.min_response_tokens} must be >= 1 and < data.max_length")
+        if self.eval_max_examples < 1:
+            raise IlaError(
+                f"data.eval_max_examples={self.eval_max_examples} must be >= 1: the held-out loss needs examples"
+            )
+        if self.max_examples is not None and self.max_examples < 2:
+            raise IlaError(f"data.max_examples={self.max_examples} must be >= 2 (training and held-out rows), or none")
+        if not self.split.strip():
+            raise IlaError("data.split must name a split (e.g. train)")
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,8 @@ class LoraSettings:
             raise IlaError(f"lora.r={self.r} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise IlaError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if self.alpha <= 0:
+            raise IlaError(f"lora.alpha={self.alpha} must be > 0 (the update is scaled by alpha / r)")
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,16 @@ class RunConfig:
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more time
     compile: bool = False  # torch.compile each transformer block (regional); for long GPU runs
 
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise IlaError(f"run.threads={self.threads} must be >= 1, or none for all cores")
+        if not 0.0 < self.report_top_fraction <= 1.0:
+            raise IlaError(f"run.report_top_fraction={self.report_top_fraction} must be a fraction in (0, 1]")
+        if self.checkpoint_every < 0:
+            raise IlaError(f"run.checkpoint_every={self.checkpoint_every} must be >= 0 (0 turns checkpoints off)")
+        if self.seed < 0:
+            raise IlaError(f"run.seed={self.seed} must be >= 0")
+
 
 @dataclass(frozen=True)
 class IdentifyConfig:
@@ -220,8 +244,8 @@ class FinetuneSettings:
             raise IlaError("finetune.max_steps, finetune.batch_size and finetune.eval_every must be >= 1")
         if self.lr is not None and self.lr <= 0:
             raise IlaError(f"finetune.lr={self.lr} must be > 0")
-        if self.warmup_steps < 0:
-            raise IlaError(f"finetune.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise IlaError("finetune.warmup_steps, finetune.weight_decay and finetune.grad_clip must be >= 0")
 
     @property
     def learning_rate(self) -> float:
@@ -252,6 +276,10 @@ class AdaLoraSettings:
             raise IlaError(f"adalora.delta_t={self.delta_t} must be >= 1")
         if self.orth_reg_weight < 0:
             raise IlaError(f"adalora.orth_reg_weight={self.orth_reg_weight} must be >= 0")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise IlaError(f"adalora.beta1={self.beta1} and adalora.beta2={self.beta2} must be in [0, 1)")
+        if (self.tinit is not None and self.tinit < 0) or (self.tfinal is not None and self.tfinal < 0):
+            raise IlaError("adalora.tinit and adalora.tfinal must be >= 0, or none")
 
     def schedule(self, max_steps: int) -> tuple[int, int]:
         """(tinit, tfinal) for a run of `max_steps`; AdaLoRA needs a pruning phase between them."""
@@ -304,6 +332,7 @@ class EvaluateSettings:
     chat_template: bool = False  # wrap benchmark prompts in the tokenizer's chat template
     compare_adapter: str | None = None  # judge: the second model (base model + this adapter)
     judge_url: str | None = None  # an OpenAI-compatible endpoint; off unless set
+    judge_allow_http: bool = False  # plain http:// to a host other than this machine (the API key travels in clear)
     judge_model: str | None = None
     judge_examples: int = 16  # held-out prompts answered by both models and judged
     answer_tokens: int = 128  # new tokens per judged answer
@@ -318,6 +347,8 @@ class EvaluateSettings:
             raise IlaError(f"evaluate.limit={self.limit} must be >= 1")
         if self.num_fewshot < 0:
             raise IlaError(f"evaluate.num_fewshot={self.num_fewshot} must be >= 0")
+        if self.judge_url is not None:
+            check_judge_url(self.judge_url, self.judge_allow_http)
         if (self.judge_url is None) != (self.judge_model is None):
             raise IlaError(
                 "evaluate.judge_url and evaluate.judge_model go together (--judge-url URL --judge-model NAME)"
@@ -332,6 +363,44 @@ class EvaluateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def check_judge_url(url: str, allow_http: bool) -> None:
+    """The judge gets the API key: only over https, or http to this machine, unless the user allows plain http."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise IlaError(f"evaluate.judge_url={url!r} must be an http(s) URL such as https://host/v1")
+    if parts.username or parts.password:
+        raise IlaError(
+            "evaluate.judge_url must not hold credentials (user:password@); ila would record them in the run "
+            "folder. Put the key in ILA_JUDGE_API_KEY"
+        )
+    if parts.scheme == "http" and parts.hostname not in LOCAL_HOSTS and not allow_http:
+        raise IlaError(
+            f"evaluate.judge_url={url!r} is plain http to another machine: the API key would travel unencrypted; "
+            "use https, or pass --judge-allow-http (evaluate.judge_allow_http=true) if you accept that"
+        )
+
+
+def drop_remote_code(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Config values read from a file (a run folder, a config someone else wrote) never turn on the model's own
+    code: only --trust-remote-code (or a model.trust_remote_code override) on the current command line does."""
+    model = values.get("model")
+    if not isinstance(model, dict) or "trust_remote_code" not in model:
+        return values
+    asked = model["trust_remote_code"]
+    if asked is True or (isinstance(asked, str) and asked.strip().lower() in ("true", "yes", "1")):
+        log.warning(
+            "%s sets model.trust_remote_code=true; ignored: the model's own code runs only with "
+            "--trust-remote-code on this command line",
+            source,
+        )
+    return {**values, "model": {k: v for k, v in model.items() if k != "trust_remote_code"}}
 
 
 T = TypeVar("T")
@@ -386,14 +455,17 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool):
             raise IlaError(f"{key}={value!r} must be a number")
+        number: float | None = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise IlaError(f"{key}={value!r} must be a number")
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-4 as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise IlaError(f"{key}={value!r} must be a number")
+        if not math.isfinite(number):
+            raise IlaError(f"{key}={value!r} must be a finite number")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -476,8 +548,8 @@ def load_config(
     overrides: list[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> T:
-    """Defaults <- YAML file <- `extra` (from CLI flags) <- dotted overrides."""
-    values: dict[str, Any] = read_yaml(path) if path is not None else {}
+    """Defaults <- YAML file <- `extra` (from CLI flags) <- dotted overrides. The file cannot turn on remote code."""
+    values: dict[str, Any] = drop_remote_code(read_yaml(path), str(path)) if path is not None else {}
     if extra:
         values = merge(values, extra)
     if overrides:

@@ -26,12 +26,29 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ila.config import EvaluateConfig, EvaluateSettings, build_config, config_to_dict, merge, parse_overrides, read_yaml
+from ila.config import (
+    EvaluateConfig,
+    EvaluateSettings,
+    build_config,
+    config_to_dict,
+    drop_remote_code,
+    merge,
+    parse_overrides,
+    read_yaml,
+)
 from ila.errors import IlaError
 from ila.identify import Timings
 from ila.lora_adapters import load_lora, unwrap
 from ila.model_loading import LoadedModel, load_model, pick_device
-from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, reset_peak_memory, write_json
+from ila.run_folder import (
+    hardware,
+    package_versions,
+    peak_memory,
+    prepare_run_dir,
+    read_manifest,
+    reset_peak_memory,
+    write_json,
+)
 from ila.sft_data import IGNORE_INDEX, Example, eval_batches, load_sft_data
 from ila.training_loop import heldout_loss
 
@@ -570,13 +587,13 @@ def evaluate_config(
         run = Path(from_run)
         if not (run / "config.yaml").is_file():
             raise IlaError(f"--from-run {from_run}: no config.yaml there; give an `ila finetune` run folder")
-        saved = read_yaml(run / "config.yaml")
+        saved = drop_remote_code(read_yaml(run / "config.yaml"), str(run))
         values = {key: saved[key] for key in ("model", "data") if isinstance(saved.get(key), dict)}
         seed = saved.get("run", {}).get("seed") if isinstance(saved.get("run"), dict) else None
         values["run"] = {"output": str(run)} | ({"seed": seed} if seed is not None else {})
         values["evaluate"] = {"adapter": str(run)}
     if config_path:
-        values = merge(values, read_yaml(config_path))
+        values = merge(values, drop_remote_code(read_yaml(config_path), config_path))
     if extra:
         values = merge(values, extra)
     if overrides:
@@ -600,10 +617,7 @@ def _output_folder(output: str | None, overwrite: bool) -> tuple[Path, bool]:
     """(folder, whether to write manifest.json): an existing identify/finetune run folder gets eval.json only."""
     if output and (Path(output) / "manifest.json").is_file():
         folder = Path(output)
-        try:
-            kind = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("kind")
-        except (ValueError, AttributeError):
-            kind = None
+        kind = read_manifest(folder).get("kind")
         if kind != "evaluate":
             if (folder / EVAL_FILE).exists() and not overwrite:
                 raise IlaError(f"{folder / EVAL_FILE} already exists; pass --overwrite to replace it")

@@ -20,6 +20,7 @@ from ila.config import (
     IdentifyConfig,
     build_config,
     config_to_dict,
+    drop_remote_code,
     merge,
     parse_overrides,
     read_yaml,
@@ -88,6 +89,7 @@ class ExperimentConfig:
     threads: int | None = None
     output: str | None = None  # default: runs/experiment-<config file stem>
     finetune: ExperimentFinetune | None = None
+    trust_remote_code: bool = False  # from the command line only, never from the YAML
 
     def __post_init__(self) -> None:
         from ila.baselines import METHODS
@@ -151,8 +153,9 @@ def _resolve(path: str, base: Path) -> str:
     return str((base / p).resolve())
 
 
-def load_experiment(path: str | Path) -> ExperimentConfig:
-    """Read and check an experiment YAML; unknown keys are IlaErrors naming the dotted key."""
+def load_experiment(path: str | Path, trust_remote_code: bool = False) -> ExperimentConfig:
+    """Read and check an experiment YAML; unknown keys are IlaErrors naming the dotted key. The YAML cannot turn
+    on the model's own code; `trust_remote_code` (the command line's flag) can."""
     path = Path(path)
     raw = read_yaml(path)
     base = path.resolve().parent
@@ -191,7 +194,10 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         threads=cfg.threads,
         output=cfg.output,
         finetune=ft,
+        trust_remote_code=trust_remote_code,
     )
+    for section in (config.identify, ft.overrides if ft is not None else ()):
+        drop_remote_code(parse_overrides(list(section)), str(path))  # warns once if the YAML asks for remote code
     identify_config(config, pairs[0][1], config.seeds[0], "unused")  # overrides: unknown keys fail now
     if ft is not None:
         finetune_config(config, "unused", None)
@@ -211,9 +217,16 @@ class _ExperimentFields:
     output: str | None = None
 
 
+def _with_remote_code(values: dict[str, Any], trusted: bool) -> dict[str, Any]:
+    """The experiment YAML's say on remote code is dropped (load_experiment warned); the command line's stands."""
+    model = {k: v for k, v in values.get("model", {}).items() if k != "trust_remote_code"}
+    return {**values, "model": {**model, "trust_remote_code": trusted}}
+
+
 def identify_config(cfg: ExperimentConfig, data_path: str, seed: int, output: str) -> IdentifyConfig:
     """The IdentifyConfig of one identify unit: shared overrides, then model, data, seed, milestones, output."""
     values = parse_overrides([f"identify.{item}" for item in cfg.identify]).get("identify", {})
+    values = _with_remote_code(values, cfg.trust_remote_code)
     run: dict[str, Any] = {"seed": seed, "output": output}
     if cfg.threads:
         run["threads"] = cfg.threads
@@ -241,6 +254,7 @@ def finetune_config(
     shared = parse_overrides([f"identify.{item}" for item in cfg.identify]).get("identify", {})
     values: dict[str, Any] = {key: shared[key] for key in ("data", "lora") if key in shared}
     values = merge(values, parse_overrides([f"finetune.{item}" for item in ft.overrides]).get("finetune", {}))
+    values = _with_remote_code(values, cfg.trust_remote_code)
     seed = _finetune_seed(cfg) if train_seed is None else train_seed
     run: dict[str, Any] = {"seed": seed, "output": output}
     if cfg.threads:

@@ -6,7 +6,6 @@ checked before the run folder is created, so a bad call leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -22,7 +21,7 @@ import torch
 
 from ila import distributed, sharding
 from ila.compare import jaccard
-from ila.config import IdentifyConfig, build_config, config_to_dict, read_yaml
+from ila.config import IdentifyConfig, build_config, config_to_dict, drop_remote_code, read_yaml
 from ila.errors import IlaError, NonFiniteLossError
 from ila.identify_report import write_identify_report
 from ila.layers import Layer, discover_layers
@@ -35,6 +34,7 @@ from ila.run_folder import (
     package_versions,
     peak_memory,
     prepare_run_dir,
+    read_manifest,
     reset_peak_memory,
     write_csv,
     write_json,
@@ -226,6 +226,28 @@ def rank_repeats(
     return merged, rank_layers(layers, scores, "ila", gammas, info, intervals)
 
 
+NO_SPREAD = "every layer has the same score: the ranking carries no information"
+
+
+def information_warnings(stage1_runs: list[Stage1Result], ranking: Ranking) -> list[str]:
+    """What makes a finished run carry little or no information; the CLI prints these and the report leads with
+    them. NO_SPREAD makes `ila identify` exit non-zero."""
+    out = []
+    scores = [entry.score for entry in ranking.layers]
+    if max(scores) - min(scores) <= 1e-9 * max(1.0, abs(max(scores))):
+        out.append(NO_SPREAD)
+    for i, run in enumerate(stage1_runs):
+        losses, w = run.loop.losses, max(1, min(10, len(run.loop.losses) // 2))
+        if len(losses) >= 2 and statistics.fmean(losses[-w:]) >= statistics.fmean(losses[:w]):
+            which = "" if len(stage1_runs) == 1 else f" (Stage-1 repeat {i})"
+            out.append(
+                f"Stage 1{which} did not lower the training loss over its {len(losses)} steps (first "
+                f"{statistics.fmean(losses[:w]):.4f}, last {statistics.fmean(losses[-w:]):.4f}); check stage1.lr "
+                "and the data"
+            )
+    return out
+
+
 def _each_stage1_model(peft_model: torch.nn.Module, runs: list[Stage1Result]) -> Iterator[torch.nn.Module]:
     """The model of each Stage-1 repeat in turn: the last one as it is still attached, then the others reloaded
     from their saved adapters."""
@@ -259,17 +281,24 @@ def run_identify(cfg: IdentifyConfig, overwrite: bool = False, command: str = ""
     return _execute(cfg, run_dir, loaded, layers, data, timings, manifest, started)
 
 
-def resume_identify(run_dir: Path, command: str = "") -> IdentifyResult:
+def run_folder_config(run_dir: Path, overrides: list[str], trust_remote_code: bool) -> IdentifyConfig:
+    """A run folder's config with the user's overrides; the model's own code runs only if this command says so."""
+    from ila.config import merge, parse_overrides
+
+    values = merge(drop_remote_code(read_yaml(run_dir / "config.yaml"), str(run_dir)), parse_overrides(overrides))
+    if trust_remote_code:
+        values = merge(values, {"model": {"trust_remote_code": True}})
+    return build_config(IdentifyConfig, values)
+
+
+def resume_identify(run_dir: Path, command: str = "", trust_remote_code: bool = False) -> IdentifyResult:
     """Continue an interrupted identify run from its last checkpoints; finished stages are not redone."""
     if not (run_dir / "config.yaml").is_file():
         raise IlaError(f"{run_dir} is not an ila identify run folder (no config.yaml)")
-    try:
-        previous = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        previous = {}
+    previous = read_manifest(run_dir)
     if previous.get("status") == "complete":
         raise IlaError(f"{run_dir} is already complete; nothing to resume")
-    cfg = build_config(IdentifyConfig, read_yaml(run_dir / "config.yaml"))
+    cfg = run_folder_config(run_dir, [], trust_remote_code)
     reset_peak_memory()
     timings = Timings()
     started = time.perf_counter()
@@ -362,6 +391,7 @@ def _execute(
         manifest.update(status="failed", error=str(err), timings=timings.seconds, memory=peak_memory())
         write_json(run_dir / "manifest.json", manifest)
         raise IlaError(f"{err} (run folder {run_dir} keeps what was saved before)") from None
+    ranking.info["warnings"] = information_warnings(stage1_runs, ranking)
     with timings.measure("write artifacts"):
         ranking.info["heldout_loss"] = heldout
         ranking.save(run_dir)
@@ -383,7 +413,12 @@ def _execute(
 
 
 def run_milestone(
-    run_dir: Path, milestone: int, overwrite: bool = False, overrides: list[str] | None = None, command: str = ""
+    run_dir: Path,
+    milestone: int,
+    overwrite: bool = False,
+    overrides: list[str] | None = None,
+    command: str = "",
+    trust_remote_code: bool = False,
 ) -> IdentifyResult:
     """Stage 2 on a saved Stage-1 milestone of an earlier run, without retraining Stage 1."""
     if not (run_dir / "config.yaml").is_file():
@@ -392,10 +427,7 @@ def run_milestone(
     if not (adapter / "adapter_config.json").is_file():
         saved = sorted(p.name for p in (run_dir / "stage1").glob("milestone-*"))
         raise IlaError(f"milestone {milestone} was not saved in {run_dir}; saved: {', '.join(saved) or 'none'}")
-    from ila.config import merge, parse_overrides
-
-    values = merge(read_yaml(run_dir / "config.yaml"), parse_overrides(overrides or []))
-    cfg = build_config(IdentifyConfig, values)
+    cfg = run_folder_config(run_dir, overrides or [], trust_remote_code)
     out = run_dir / f"milestone-{milestone}"
     cfg = replace(cfg, run=replace(cfg.run, output=str(out)))
     reset_peak_memory()
@@ -421,6 +453,7 @@ def run_milestone(
     heldout["stage1_top_mask"] = _mask_loss(peft_model, layers, top, heldout_batches, device)
     heldout["delta_norm_top_mask"] = _delta_norm_mask_loss(cfg, peft_model, layers, heldout_batches, device)
     ranking.info["heldout_loss"] = heldout
+    ranking.info["warnings"] = information_warnings([], ranking)
     ranking.save(out)
     plot_heatmap(ranking, out / "heatmap.png", top_fraction=cfg.run.report_top_fraction)
     timings.seconds["total"] = time.perf_counter() - started

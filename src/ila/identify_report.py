@@ -36,6 +36,8 @@ def write_identify_report(
         f"{stats.dropped_no_response} without an answer**",
         f"- Layers scored: {len(layers)} linear layers in {ranking.n_blocks} blocks; seed {cfg.run.seed}",
     ]
+    for warning in ranking.info.get("warnings", []):  # first, where nobody can miss it
+        lines.insert(2, f"> **Warning: {warning}.**\n")
     if stage1 is not None:
         last = stage1.trace[-1] if stage1.trace else {}
         fired = f"at step {stage1.fired_at}" if stage1.fired_at else f"after {stage1.steps} steps"

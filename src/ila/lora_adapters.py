@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ila.config import AdaLoraSettings, LoraSettings
+from ila.errors import reading
 from ila.layers import Layer
 from ila.sharding import full
 
@@ -57,7 +58,7 @@ def attach_lora(model: PreTrainedModel, layers: Sequence[Layer], settings: LoraS
 
 def load_lora(model: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
     """Load a saved PEFT adapter onto the base model."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), reading(adapter_dir, "a PEFT adapter trained on this model"):
         warnings.simplefilter("ignore", UserWarning)
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)  # type: ignore[return-value]
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ila import sharding
 from ila.config import DEFAULT_MODEL, ModelConfig
-from ila.errors import IlaError
+from ila.errors import IlaError, reading
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,9 @@ def _gguf_to_safetensors(gguf_path: Path) -> Path:
         return target
     log.info("converting %s to safetensors once (cached in %s)", gguf_path.name, target)
     folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    with reading(gguf_path, "a GGUF model file"):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     # save_pretrained refuses GGUF-loaded models: rebuild a clean model of the same class from the state dict.
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -181,11 +183,15 @@ def load_model(
         raise IlaError(f"{cfg.name} is an encoder-decoder model ({config.model_type}); ila needs a decoder-only LM")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    except (OSError, ValueError, TypeError) as err:
+        raise IlaError(f"could not load the tokenizer of {cfg.name}: {_first_line(err)}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "auto_map", None):
+        raise IlaError(
+            f"unsupported architecture for a causal LM: {config.model_type} ({cfg.name}); ila needs a model "
+            "transformers can load with AutoModelForCausalLM"
+        )
+    with reading(path, "the weights of a causal LM"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None, **placement, **common)
-    except ValueError as err:
-        raise IlaError(f"unsupported architecture for a causal LM: {config.model_type} ({_first_line(err)})") from None
-    except OSError as err:
-        raise IlaError(f"could not load {cfg.name}: {_first_line(err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if quantization_config is None:

@@ -114,5 +114,5 @@ def load_ranking(path: str | Path) -> Ranking:
         return Ranking(
             data["method"], sorted(entries, key=lambda e: e.rank), int(data["n_blocks"]), data.get("info", {})
         )
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # ValueError: bad JSON or bad UTF-8
         raise IlaError(f"{p}: not a valid ila ranking file ({type(err).__name__}: {err})") from None

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from ila import distributed
-from ila.errors import IlaError
+from ila.errors import IlaError, reading
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -93,6 +93,18 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A run folder's manifest.json; a missing one is {}, a corrupt one an IlaError (never silently {})."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return {}
+    with reading(path, "an ila manifest (JSON object)"):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a JSON object was expected, found {type(manifest).__name__}")
+    return manifest
+
+
 def prepare_run_dir(output: str | None, kind: str, overwrite: bool) -> Path:
     """The run folder: new, or emptied only with `overwrite`; made by the main process, named for all."""
     outcome: tuple[str | None, str | None] = (None, None)
@@ -109,16 +121,26 @@ def prepare_run_dir(output: str | None, kind: str, overwrite: bool) -> Path:
 
 def _make_run_dir(output: str | None, kind: str, overwrite: bool) -> Path:
     path = Path(output) if output else Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise IlaError(f"--output {path} is a file, not a folder; choose another --output (ila never deletes it)")
+    if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise IlaError(
                 f"run folder {path} already exists and is not empty; choose another --output or pass --overwrite"
             )
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+        if not (path / "manifest.json").is_file() and not (path / "config.yaml").is_file():
+            raise IlaError(
+                f"--overwrite: {path} holds no ila run (no manifest.json or config.yaml); ila only replaces "
+                "folders it wrote, so choose another --output"
+            )
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".ila-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise IlaError(f"cannot write the run folder {path}: {err.strerror or err}") from None
     return path
 
 

@@ -195,7 +195,7 @@ def load_selection(path: str | Path) -> Selection:
             memory_estimate=data.get("memory_estimate_gb"),
             info=data.get("info", {}),
         )
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # ValueError: bad JSON or bad UTF-8
         raise IlaError(f"{p}: not a valid ila selection file ({type(err).__name__}: {err})") from None
 
 

@@ -25,6 +25,7 @@ from peft import PeftModel
 from ila import distributed
 from ila.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from ila.config import LoraSettings, Stage1Config
+from ila.errors import reading
 from ila.layers import Layer
 from ila.lora_adapters import (
     LoraFactors,
@@ -137,19 +138,20 @@ def run_stage1(
     start, stopped = 0, False
     state = load_checkpoint(checkpoint_path) if checkpoint_every > 0 else None
     if state is not None:
-        with torch.no_grad():
-            for param, saved in zip(params, state["params"], strict=True):
-                copy_full_into(param, saved)
-        load_optimizer_state(peft_model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        previous = [LoraFactors(a, b, f.scaling) for (a, b), f in zip(state["previous"], factors, strict=True)]
-        previous_sq[:] = update_sq_norms(previous)
-        losses += state["losses"]
-        trace += state["trace"]
-        below.update(state["below"])
-        start, stopped = int(state["step"]), bool(state["stopped"])
-        stopped_by[0] = str(state["stopped_by"])
-        restore_rng(state["rng"])
+        with reading(checkpoint_path, "a Stage-1 checkpoint of this run (delete it to restart the stage)"):
+            with torch.no_grad():
+                for param, saved in zip(params, state["params"], strict=True):
+                    copy_full_into(param, saved)
+            load_optimizer_state(peft_model, optimizer, state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            previous = [LoraFactors(a, b, f.scaling) for (a, b), f in zip(state["previous"], factors, strict=True)]
+            previous_sq[:] = update_sq_norms(previous)
+            losses += state["losses"]
+            trace += state["trace"]
+            below.update(state["below"])
+            start, stopped = int(state["step"]), bool(state["stopped"])
+            stopped_by[0] = str(state["stopped_by"])
+            restore_rng(state["rng"])
         log.info("stage 1: resuming from the checkpoint at step %d", start)
 
     def after_step(step: int, loss: float) -> bool:

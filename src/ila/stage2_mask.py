@@ -22,6 +22,7 @@ from torch import nn
 from ila.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from ila.compare import jaccard
 from ila.config import Stage2Config
+from ila.errors import reading
 from ila.layers import Layer
 from ila.lora_adapters import LayerMask
 from ila.sft_data import Batch, Example, batch_stream
@@ -168,14 +169,15 @@ def run_stage2(
     start = 0
     gain: float | None = None
     if state is not None:
-        with torch.no_grad():
-            scores.copy_(state["scores"].to(device))
-        optimizer.load_state_dict(state["optimizer"])
-        trace += state["trace"]
-        checks += state["checks"]
-        stable[0], converged[0], gain = int(state["stable"]), state["converged"], state["gain"]
-        start = int(state["step"])
-        restore_rng(state["rng"])
+        with reading(str(checkpoint), "a Stage-2 checkpoint of this run (delete it to restart the stage)"):
+            with torch.no_grad():
+                scores.copy_(state["scores"].to(device))
+            optimizer.load_state_dict(state["optimizer"])
+            trace += state["trace"]
+            checks += state["checks"]
+            stable[0], converged[0], gain = int(state["stable"]), state["converged"], state["gain"]
+            start = int(state["step"])
+            restore_rng(state["rng"])
         log.info("stage 2: resuming from the checkpoint at step %d", start)
     elif cfg.sparsity == "penalty" and cfg.penalty_scale == "gain":
         stream = batch_stream(train_examples, cfg.batch_size, pad_id, seed + 7919)
