@@ -476,7 +476,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
 def build_config(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     """Build a (possibly nested) config dataclass from a plain dict, checking every key and type."""
     if not isinstance(values, dict):
-        raise IlaError(f"{prefix or 'config'} must be a mapping of keys to values, got {type(values).__name__}")
+        where = prefix.rstrip(".") or "config"
+        raise IlaError(f"{where} must be a mapping of keys to values, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}

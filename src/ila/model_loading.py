@@ -190,7 +190,8 @@ def load_model(
             f"unsupported architecture for a causal LM: {config.model_type} ({cfg.name}); ila needs a model "
             "transformers can load with AutoModelForCausalLM"
         )
-    with reading(path, "the weights of a causal LM"):
+    weights = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin")) if is_local else []
+    with reading(weights[0] if len(weights) == 1 else path, "the weights of a causal LM"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None, **placement, **common)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -355,9 +355,16 @@ def load_sft_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
             examples.append(example)
     if not examples:
         if stats.dropped_too_long:
+            if cfg.too_long == "drop":
+                advice = "raise data.max_length or use data.too_long=truncate"
+            else:  # truncation was tried: the cut kept too few answer tokens
+                advice = (
+                    f"truncation kept fewer than data.min_response_tokens={cfg.min_response_tokens} answer tokens; "
+                    "raise data.max_length or lower data.min_response_tokens"
+                )
             raise IlaError(
-                f"every example in {source} is longer than data.max_length={cfg.max_length} tokens under the "
-                f"'{cfg.too_long}' policy; raise data.max_length or use data.too_long=truncate"
+                f"every example in {source} is longer than data.max_length={cfg.max_length} tokens and was dropped; "
+                + advice
             )
         raise IlaError(f"data set {source} has no example with an assistant answer")
     if len(examples) < 2:
