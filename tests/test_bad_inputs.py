@@ -518,3 +518,25 @@ def test_information_warnings_name_a_stage1_that_did_not_learn() -> None:
     assert information_warnings([], flat) == [NO_SPREAD]
     (warning,) = information_warnings([rising], spread)
     assert "did not lower the training loss" in warning and "stage1.lr" in warning
+
+
+def test_a_full_disk_mid_run_is_one_line(
+    tiny_model_dir: Path,
+    tiny_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    import ila.identify
+
+    def full_disk(path: Path, *_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ila.identify, "write_yaml", full_disk)
+    out = tmp_path / "run"
+    code = main(["-q", "identify", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--output", str(out)])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0] == f"ila: error: {out / 'config.yaml'}: No space left on device"
