@@ -12,7 +12,7 @@ import ila.identify
 from conftest import make_rows, write_jsonl
 from ila.cli import main
 from ila.errors import IlaError
-from ila.experiment import ablation_table, load_experiment, paired_differences, run_experiment
+from ila.experiment import ablation_table, load_experiment, paired_differences, planned_units, run_experiment
 from ila.ranking import load_ranking
 
 
@@ -82,6 +82,8 @@ def test_tiny_grid_end_to_end_rerun_and_resume(
     # 4 identify runs, 4 milestone rankings, random per seed (2) + last once, finetune top30-ila + all
     assert counted == {"identify": 4, "milestone": 4, "rank": 3, "finetune": 2}
     assert not result.missing
+    walked = len(result.computed) + len(result.skipped)  # a seed-free baseline's folder is walked once per seed
+    assert planned_units(cfg) == walked and len(result.computed) == 13  # the progress bar's total
     report = (root / "report.md").read_text(encoding="utf-8")
     for heading in (
         "## ila",
@@ -106,7 +108,7 @@ def test_tiny_grid_end_to_end_rerun_and_resume(
     # again: nothing is recomputed
     before = dict(counted)
     again = run_experiment(cfg, root)
-    assert counted == before and not again.computed
+    assert counted == before and not again.computed and len(again.skipped) == planned_units(cfg)
 
     # interrupted: one identify unit (with its milestone) and one finetune unit lost -> only those are redone
     shutil.rmtree(root / "identify" / "b-seed1")

@@ -838,7 +838,11 @@ def _configure_logging(quiet: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    transformers.logging.disable_progress_bar()  # its weight-loading bars, which also turns off the hub's ...
+    if not quiet:  # ... download bars: a multi-GB model must not download in silence
+        from huggingface_hub.utils import enable_progress_bars
+
+        enable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 

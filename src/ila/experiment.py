@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import logging
 import re
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal
+
+from tqdm.auto import tqdm
 
 from ila.config import (
     DEFAULT_MODEL,
@@ -342,20 +346,32 @@ def run_experiment(cfg: ExperimentConfig, output: str | Path | None = None) -> E
     root.mkdir(parents=True, exist_ok=True)
     write_yaml(root / "experiment.yaml", _plain(cfg))
     result = ExperimentResult(root)
+    total = planned_units(cfg)
+    seconds: list[float] = []  # per computed unit: the ETA assumes the remaining units cost the same on average
+    bar = tqdm(total=total, desc="experiment", unit="unit", dynamic_ncols=True)
 
     def unit(folder: Path, work: Callable[[], Any]) -> None:
         if not folder.resolve().is_relative_to(root.resolve()):  # names are checked; this is the last guard
             raise IlaError(f"experiment unit {folder} would be written outside {root}")
+        done = len(result.computed) + len(result.skipped) + len(result.missing)
         if _is_complete(folder):
             result.skipped.append(str(folder))
+            bar.update()
             return
-        log.info("experiment unit %s", folder.relative_to(root))
+        left = total - done
+        eta = f", ETA {_duration(statistics.fmean(seconds) * left)}" if seconds else ""
+        log.info("experiment unit %d of %d: %s%s", done + 1, total, folder.relative_to(root), eta)
+        bar.set_postfix_str(str(folder.relative_to(root)))
+        started = time.perf_counter()
         try:
             work()
         except IlaError as err:  # one failed unit (say a non-finite loss) must not stop a grid of hours
             log.error("experiment unit %s failed: %s", folder, err)
             result.missing.append(f"{folder} (failed: {err})")
             return
+        finally:
+            bar.update()
+        seconds.append(time.perf_counter() - started)
         result.computed.append(str(folder))
 
     for data, data_path in cfg.datasets:
@@ -366,9 +382,29 @@ def run_experiment(cfg: ExperimentConfig, output: str | Path | None = None) -> E
             _baseline_units(cfg, root, data, data_path, seed, unit, result)
     if cfg.finetune is not None:
         _finetune_units(cfg, root, unit)
+    bar.close()
     result.report = root / "report.md"
     atomic_write_text(result.report, write_report(cfg, root, result))
     return result
+
+
+def planned_units(cfg: ExperimentConfig) -> int:
+    """How many units the grid has (computed, skipped or missing), counted as run_experiment walks them."""
+    per_run = 0  # per (data set, seed)
+    if ILA in cfg.methods or "delta-norm" in cfg.methods:
+        per_run += 1  # the identify run
+        if ILA in cfg.methods:
+            per_run += len(set(cfg.milestones) - {100})
+    for method in cfg.methods:
+        if method != ILA:
+            per_run += len(set(cfg.milestones) | {100}) if method == "delta-norm" else 1
+    finetune = len(finetune_units(cfg)) * len(train_seeds(cfg)) if cfg.finetune is not None else 0
+    return per_run * len(cfg.datasets) * len(cfg.seeds) + finetune
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def _identify_units(

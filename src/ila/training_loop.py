@@ -200,8 +200,11 @@ def heldout_loss(model: nn.Module, batches: Sequence[Batch], device: torch.devic
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    bar = tqdm(
+        batches, desc="held-out loss", unit="batch", leave=False, disable=None if distributed.is_main() else True
+    )
     try:
-        for batch in batches:
+        for batch in bar:
             batch = batch.to(device)
             n = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
             total += float(sft_loss(model, batch)) * n
