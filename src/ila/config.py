@@ -197,6 +197,7 @@ class RunConfig:
     checkpoint_every: int = 10  # steps between resumable checkpoints of a stage; 0 turns them off
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more time
     compile: bool = False  # torch.compile each transformer block (regional); for long GPU runs
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"  # training curves (--report-to)
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

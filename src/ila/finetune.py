@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from ila import distributed, sharding
+from ila import distributed, sharding, tracking
 from ila.config import FinetuneConfig, config_to_dict
 from ila.errors import IlaError, NonFiniteLossError
 from ila.identify import Timings
@@ -175,6 +175,7 @@ def make_trainable(model: nn.Module, chosen: Sequence[Layer], cfg: FinetuneConfi
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = "") -> FinetuneResult:
     """Train the selected layers from the base model on a fresh run folder; returns the trained model and numbers."""
     check_method_available(cfg)
+    tracking.check_available(cfg.run.report_to)
     selection = load_selection(cfg.finetune.selection) if cfg.finetune.selection else None
     reset_peak_memory()
     timings = Timings()
@@ -231,28 +232,32 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
         loss = sft_loss(model, batch)
         return loss + trainable.extra_loss() if trainable.extra_loss is not None else loss
 
+    stage = f"finetune ({cfg.finetune.method})"
+
     def after_step(step: int, _loss: float) -> bool:
         if step % cfg.finetune.eval_every == 0:
             with timings.measure("held-out evaluation"):
                 heldout.append({"step": step, "loss": heldout_loss(model, heldout_batches, device)})
+            tracking.log_step(stage, step, {"heldout_loss": heldout[-1]["loss"]})
         return False
 
     eval_before = timings.seconds.get("held-out evaluation", 0.0)
     train_started = time.perf_counter()
     try:
-        loop = train(
-            stage=f"finetune ({cfg.finetune.method})",
-            params=trainable.params,
-            batches=batch_stream(data.train, cfg.finetune.batch_size, pad_id, cfg.run.seed),
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            max_steps=cfg.finetune.max_steps,
-            device=device,
-            grad_clip=cfg.finetune.grad_clip,
-            after_step=after_step,
-            before_zero_grad=trainable.before_zero_grad,
-        )
+        with tracking.session(cfg.run.report_to, run_dir, config_to_dict(cfg)):
+            loop = train(
+                stage=stage,
+                params=trainable.params,
+                batches=batch_stream(data.train, cfg.finetune.batch_size, pad_id, cfg.run.seed),
+                loss_fn=loss_fn,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                max_steps=cfg.finetune.max_steps,
+                device=device,
+                grad_clip=cfg.finetune.grad_clip,
+                after_step=after_step,
+                before_zero_grad=trainable.before_zero_grad,
+            )
     except NonFiniteLossError as err:
         manifest.update(status="failed", error=str(err), timings=timings.seconds, memory=peak_memory())
         write_json(run_dir / "manifest.json", manifest)

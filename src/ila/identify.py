@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ila import distributed, sharding
+from ila import distributed, sharding, tracking
 from ila.compare import jaccard
 from ila.config import IdentifyConfig, build_config, config_to_dict, drop_remote_code, read_yaml
 from ila.errors import IlaError, NonFiniteLossError
@@ -88,6 +88,7 @@ def prepare_inputs(cfg: IdentifyConfig, timings: Timings) -> tuple[LoadedModel, 
             "stage1.repeats > 1 is not supported under FSDP (a sharded model cannot drop its LoRA layers); "
             "run one identify per seed (--seed) and average with ila compare, or launch without FSDP"
         )
+    tracking.check_available(cfg.run.report_to)
     device = setup_runtime(cfg)
     with timings.measure("load model"):
         loaded = load_model(cfg.model, device)
@@ -278,7 +279,8 @@ def run_identify(cfg: IdentifyConfig, overwrite: bool = False, command: str = ""
     manifest = _manifest_base(cfg, loaded, data, layers, command)
     manifest["status"] = "running"
     write_json(run_dir / "manifest.json", manifest)
-    return _execute(cfg, run_dir, loaded, layers, data, timings, manifest, started)
+    with tracking.session(cfg.run.report_to, run_dir, config_to_dict(cfg)):
+        return _execute(cfg, run_dir, loaded, layers, data, timings, manifest, started)
 
 
 def run_folder_config(run_dir: Path, overrides: list[str], trust_remote_code: bool) -> IdentifyConfig:
@@ -308,7 +310,8 @@ def resume_identify(run_dir: Path, command: str = "", trust_remote_code: bool = 
     manifest = _manifest_base(cfg, loaded, data, layers, command)
     manifest.update(status="running", resumed=previous.get("resumed", 0) + 1)
     write_json(run_dir / "manifest.json", manifest)
-    return _execute(cfg, run_dir, loaded, layers, data, timings, manifest, started)
+    with tracking.session(cfg.run.report_to, run_dir, config_to_dict(cfg)):
+        return _execute(cfg, run_dir, loaded, layers, data, timings, manifest, started)
 
 
 def _execute(

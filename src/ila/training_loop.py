@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ila import distributed, sharding
+from ila import distributed, sharding, tracking
 from ila.errors import IlaError, NonFiniteLossError
 from ila.lora_adapters import unwrap
 from ila.sft_data import IGNORE_INDEX, Batch
@@ -153,6 +153,7 @@ def train(
             result.steps_run = step
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
+            tracking.log_step(stage, step, {"loss": value, "lr": float(optimizer.param_groups[0]["lr"])})
             if after_step is not None and after_step(step, value):
                 result.stopped_early = step < max_steps
                 break
