@@ -30,6 +30,7 @@ from ila.config import (
     read_yaml,
 )
 from ila.errors import IlaError
+from ila.html_report import write_html_report
 from ila.ranking import Ranking, load_ranking
 from ila.run_folder import atomic_write_text, write_json, write_yaml
 
@@ -385,6 +386,7 @@ def run_experiment(cfg: ExperimentConfig, output: str | Path | None = None) -> E
     bar.close()
     result.report = root / "report.md"
     atomic_write_text(result.report, write_report(cfg, root, result))
+    write_html_report(result.report)
     return result
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from ila import distributed, sharding, tracking
 from ila.config import FinetuneConfig, config_to_dict
 from ila.errors import IlaError, NonFiniteLossError
+from ila.html_report import write_html_report
 from ila.identify import Timings
 from ila.layers import Layer, discover_layers
 from ila.lora_adapters import (
@@ -302,6 +303,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     )
     write_json(run_dir / "manifest.json", manifest)
     write_finetune_report(run_dir / "report.md", cfg, result, data, artifacts)
+    write_html_report(run_dir / "report.md", extra_images=("loss_curves.png",))
     return result
 
 

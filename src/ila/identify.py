@@ -23,6 +23,7 @@ from ila import distributed, sharding, tracking
 from ila.compare import jaccard
 from ila.config import IdentifyConfig, build_config, config_to_dict, drop_remote_code, read_yaml
 from ila.errors import IlaError, NonFiniteLossError
+from ila.html_report import write_html_report
 from ila.identify_report import write_identify_report
 from ila.layers import Layer, discover_layers
 from ila.lora_adapters import LayerMask, load_lora, remove_lora
@@ -403,6 +404,7 @@ def _execute(
     memory = peak_memory()
     result = IdentifyResult(run_dir, ranking, stage1, stage2, heldout, timings.seconds, memory)
     write_identify_report(run_dir / "report.md", cfg, result, data.stats, layers)
+    write_html_report(run_dir / "report.md", extra_images=("heatmap.png",))
     manifest.update(
         status="complete",
         timings=timings.seconds,
@@ -475,6 +477,7 @@ def run_milestone(
     write_json(out / "manifest.json", manifest)
     result = IdentifyResult(out, ranking, None, stage2, heldout, timings.seconds, memory)
     write_identify_report(out / "report.md", cfg, result, data.stats, layers)
+    write_html_report(out / "report.md", extra_images=("heatmap.png",))
     return result
 
 
