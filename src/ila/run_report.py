@@ -2,7 +2,8 @@
 
 Reads each folder's manifest.json (identify, finetune or evaluate runs) and eval.json when present, defensively: a
 missing key is shown as "-". Writes report.md (one table), report.csv, report.png (held-out loss and median step
-time per run) and manifest.json to the output folder.
+time per run) and manifest.json to the output folder. Measured values show "± stderr" where eval.json has one, and
+a mark where a run is within two combined standard errors of the first run: not distinguishable from it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from ila.errors import IlaError
 from ila.run_folder import atomic_write_text, prepare_run_dir, write_csv, write_json
 
 MISSING = "-"
+CLOSE = "≈"  # marks a value not distinguishable from the first run's
+STDERR_LEGEND = (
+    f"- **±**: one standard error; **{CLOSE}**: within two combined standard errors of the first run showing that "
+    "column (|a-b| < 2·sqrt(sa²+sb²)), so not distinguishable from it (conservative for runs scored on the same "
+    "examples)."
+)
+ILA_MMLU_NOTE = "ila's own MMLU prompt, not lm-eval's mmlu task"  # for eval.json files written before labels
 
 
 @dataclass
@@ -42,8 +50,12 @@ class RunSummary:
     heldout_loss: float | None = None  # held-out loss of the trained model (finetune: last; identify: Stage 1)
     eval_split: str | None = None
     eval_loss: float | None = None  # from eval.json (`ila evaluate`)
+    eval_loss_stderr: float | None = None  # None: an eval.json from before standard errors
     eval_perplexity: float | None = None
-    benchmarks: dict[str, float | None] = field(default_factory=dict)
+    eval_perplexity_stderr: float | None = None
+    benchmarks: dict[str, float | None] = field(default_factory=dict)  # by column label; the judge's win rate too
+    benchmark_stderrs: dict[str, float | None] = field(default_factory=dict)
+    benchmark_notes: dict[str, str] = field(default_factory=dict)  # column -> what it is, for ila's own prompts
     model: str | None = None
     data: str | None = None
 
@@ -147,14 +159,32 @@ def read_run(folder: str | Path) -> RunSummary:
     if evaluation:
         run.eval_split = _dig(evaluation, "sft", "split")
         run.eval_loss = _number(_dig(evaluation, "sft", "loss"))
+        run.eval_loss_stderr = _number(_dig(evaluation, "sft", "loss_stderr"))
         run.eval_perplexity = _number(_dig(evaluation, "sft", "perplexity"))
+        run.eval_perplexity_stderr = _number(_dig(evaluation, "sft", "perplexity_stderr"))
         benchmarks = _dig(evaluation, "benchmarks")
         if isinstance(benchmarks, dict):
-            run.benchmarks = {str(k): _number(_dig(v, "score")) for k, v in benchmarks.items()}
+            for name, entry in benchmarks.items():
+                column = _benchmark_column(str(name), entry)
+                run.benchmarks[column] = _number(_dig(entry, "score"))
+                run.benchmark_stderrs[column] = _number(_dig(entry, "score_stderr"))
+                if _dig(entry, "task") == "ila_mmlu":
+                    run.benchmark_notes[column] = str(_dig(entry, "description") or ILA_MMLU_NOTE)
         win_rate = _number(_dig(evaluation, "judge", "win_rate"))
         if win_rate is not None:
             run.benchmarks["judge win rate"] = win_rate
+            run.benchmark_stderrs["judge win rate"] = _number(_dig(evaluation, "judge", "win_rate_stderr"))
     return run
+
+
+def _benchmark_column(name: str, entry: Any) -> str:
+    """eval.json's label; older files' local MMLU gets the label evaluation.mmlu_label gives it today."""
+    label = _dig(entry, "label")
+    if isinstance(label, str) and label:
+        return label
+    if _dig(entry, "task") == "ila_mmlu":
+        return f"mmlu (ila {_integer(_dig(entry, 'num_fewshot')) or 0}-shot prompt)"
+    return name
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -168,6 +198,26 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value).replace("|", "\\|")
+
+
+def indistinguishable(a: float, a_stderr: float, b: float, b_stderr: float) -> bool:
+    """|a - b| < 2 sqrt(sa² + sb²): the difference is smaller than two standard errors of the difference."""
+    return abs(a - b) < 2 * math.hypot(a_stderr, b_stderr)
+
+
+def _with_errors(measured: Sequence[tuple[float | None, float | None]], digits: int) -> list[str]:
+    """'value ± stderr' per run; CLOSE where a run cannot be told apart from the first run having both numbers."""
+    reference = next((i for i, (v, e) in enumerate(measured) if v is not None and e is not None), None)
+    cells = []
+    for index, (value, stderr) in enumerate(measured):
+        cell = _fmt(value, digits)
+        if value is not None and stderr is not None:
+            cell += f" ± {stderr:.{digits}f}"
+            ref_value, ref_stderr = measured[reference] if reference is not None else (None, None)
+            if index != reference and ref_value is not None and ref_stderr is not None:
+                cell += f" {CLOSE}" if indistinguishable(value, stderr, ref_value, ref_stderr) else ""
+        cells.append(cell)
+    return cells
 
 
 def _selected(run: RunSummary) -> str:
@@ -185,8 +235,14 @@ def table_rows(runs: Sequence[RunSummary]) -> list[dict[str, str]]:
     reference = next((r.median_step_s for r in runs if r.median_step_s), None)
     show_cuda = any(r.peak_cuda_gb is not None for r in runs)
     bench_names = list(dict.fromkeys(name for r in runs for name in r.benchmarks))
+    eval_loss = _with_errors([(r.eval_loss, r.eval_loss_stderr) for r in runs], 4)
+    eval_ppl = _with_errors([(r.eval_perplexity, r.eval_perplexity_stderr) for r in runs], 2)
+    bench = {
+        name: _with_errors([(r.benchmarks.get(name), r.benchmark_stderrs.get(name)) for r in runs], 3)
+        for name in bench_names
+    }
     rows = []
-    for run in runs:
+    for index, run in enumerate(runs):
         ratio = run.median_step_s / reference if run.median_step_s is not None and reference else None
         row = {
             "run": run.name,
@@ -202,12 +258,23 @@ def table_rows(runs: Sequence[RunSummary]) -> list[dict[str, str]]:
             row["peak CUDA (GB)"] = _fmt(run.peak_cuda_gb, 2)
         row["base loss"] = _fmt(run.base_loss)
         row["held-out loss"] = _fmt(run.heldout_loss)
-        row["eval loss"] = _fmt(run.eval_loss)
-        row["perplexity"] = _fmt(run.eval_perplexity, 2)
+        row["eval loss"] = eval_loss[index]
+        row["perplexity"] = eval_ppl[index]
         for name in bench_names:
-            row[name] = _fmt(run.benchmarks.get(name), 3)
+            row[name] = bench[name][index]
         rows.append(row)
     return rows
+
+
+def legend(runs: Sequence[RunSummary]) -> list[str]:
+    """The lines explaining ± and the mark (when a run has a standard error) and ila's own benchmark prompts."""
+    errors = [e for r in runs for e in (r.eval_loss_stderr, r.eval_perplexity_stderr, *r.benchmark_stderrs.values())]
+    lines = [STDERR_LEGEND] if any(e is not None for e in errors) else []
+    notes: dict[str, str] = {}
+    for run in runs:
+        for column, note in run.benchmark_notes.items():
+            notes.setdefault(column, note)  # the first run's words: a newer eval.json says more than an old one
+    return lines + [f"- **{column}**: {note}." for column, note in notes.items()]
 
 
 def markdown_table(rows: Sequence[dict[str, str]]) -> str:
@@ -231,6 +298,7 @@ def report_markdown(runs: Sequence[RunSummary], plot_name: str | None = "report.
         "- **eval loss / perplexity / benchmarks**: from `eval.json` (`ila evaluate`) when the folder holds one.",
         "- **median step** (identify: Stage 1) and its ratio to the first run that has one: shared machines make "
         "single step times noisy, so compare runs measured side by side.",
+        *legend(runs),
         "",
     ]
     if plot_name:
@@ -255,6 +323,8 @@ def plot_report(runs: Sequence[RunSummary], path: Path) -> None:
 
     names = [r.name for r in runs]
     losses = [r.heldout_loss if r.heldout_loss is not None else r.eval_loss for r in runs]
+    # one standard error where the bar is eval.json's loss (a finetune curve point carries none)
+    errors = [(r.eval_loss_stderr or 0.0) if r.heldout_loss is None else 0.0 for r in runs]
     steps = [r.median_step_s for r in runs]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(runs) + 2), 4))
     xs = list(range(len(runs)))
@@ -263,6 +333,7 @@ def plot_report(runs: Sequence[RunSummary], path: Path) -> None:
         [x - width / 2 for x in xs],
         [v if v is not None else 0.0 for v in losses],
         width,
+        yerr=errors,
         color="tab:blue",
         label="held-out loss",
     )
