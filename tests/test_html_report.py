@@ -71,3 +71,9 @@ def test_the_report_renders_in_a_browser_and_its_tables_sort(identify_run: Path)
         assert first_column() == sorted(first_column(), reverse=True)
         browser.close()
     assert not errors, errors
+
+
+def test_ila_report_writes_its_html_too(identify_run: Path, tmp_path: Path) -> None:
+    assert main(["-q", "report", str(identify_run), "--output", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "<table>" in page and 'src="data:image/png;base64,' in page

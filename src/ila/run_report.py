@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ila.errors import IlaError
+from ila.html_report import write_html_report
 from ila.run_folder import atomic_write_text, prepare_run_dir, write_csv, write_json
 
 MISSING = "-"
@@ -376,6 +377,7 @@ def run_report(
     atomic_write_text(run_dir / "report.md", markdown)
     write_csv(run_dir / "report.csv", table_rows(runs))
     plot_report(runs, run_dir / "report.png")
+    write_html_report(run_dir / "report.md")  # report.md shows report.png itself
     write_json(
         run_dir / "manifest.json",
         {
