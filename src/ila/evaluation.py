@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ila.config import (
@@ -618,7 +619,10 @@ def pairwise_judge(
     """Ask the judge about each pair; the order shown is shuffled per item (seeded) against position bias."""
     rng = random.Random(seed)
     result = JudgeResult()
-    for index, (question, a, b) in enumerate(zip(questions, answers_a, answers_b, strict=True)):
+    items = enumerate(zip(questions, answers_a, answers_b, strict=True))
+    for index, (question, a, b) in tqdm(
+        items, total=len(questions), desc="judge", unit="pair", leave=False, disable=None
+    ):
         swapped = rng.random() < 0.5
         reply = ask(judge_messages(question, b, a) if swapped else judge_messages(question, a, b))
         verdict = parse_verdict(reply)
@@ -682,7 +686,7 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers, one prompt at a time (no padding, so batch-size effects never change an answer)."""
     answers = []
-    for ids in prompts:
+    for ids in tqdm(prompts, desc="judge: generating answers", unit="answer", leave=False, disable=None):
         input_ids = torch.tensor([ids], device=device)
         output = model.generate(
             input_ids=input_ids,
