@@ -1,5 +1,6 @@
 """Baseline rankings on tiny models: planted signals are found (delta-norm, snr), grad-norm is finite and
-deterministic, random is seeded, first/last follow depth, data-free methods never read data, and `ila rank`."""
+deterministic, random is seeded, first/last follow depth, Spectrum's score matches a hand computation and its
+ranking gives Spectrum's per-type selection, data-free methods never read data, and `ila rank`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ila.baselines import (
     rank_with,
     run_rank,
     spectrum_score,
+    spectrum_snr,
     weight_matrix,
 )
 from ila.cli import main
@@ -25,7 +27,8 @@ from ila.config import DataConfig, LoraSettings
 from ila.errors import IlaError
 from ila.layers import Layer, discover_layers
 from ila.lora_adapters import attach_lora, lora_factors
-from ila.ranking import load_ranking
+from ila.ranking import Ranking, load_ranking
+from ila.selection import SelectionRule, select
 from ila.sft_data import load_sft_data
 
 PLANTED = "model.layers.2.mlp.down_proj"
@@ -198,6 +201,99 @@ def test_snr_on_gpt2_conv1d_and_meta_weights() -> None:
         rank_with("snr", discover_layers(meta), meta)
 
 
+# -------------------------------------------------------------------------------------------- spectrum
+
+
+def orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """`cols` orthonormal columns of length `rows` (QR of a Gaussian matrix)."""
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    return q
+
+
+def linear_quantile(ascending: list[float], p: float) -> float:
+    """The p-quantile by linear interpolation between order statistics (what Spectrum's torch.quantile does)."""
+    position = p * (len(ascending) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ascending) - 1)
+    return ascending[low] + (position - low) * (ascending[high] - ascending[low])
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12), (16, 16)])
+def test_spectrum_snr_matches_a_hand_computation(shape: tuple[int, int]) -> None:
+    rows, cols = shape
+    k = min(rows, cols)
+    rng = torch.Generator().manual_seed(0)
+    singular = sorted((0.2 + torch.rand(k, generator=rng, dtype=torch.float64) * 0.8).tolist(), reverse=True)
+    singular[:3] = [9.0, 6.0, 4.5]  # three clear spikes over a bulk in [0.2, 1]
+    u, v = orthonormal(rows, k, rng), orthonormal(cols, k, rng)
+    weight = (u @ torch.diag(torch.tensor(singular, dtype=torch.float64)) @ v.T).float()
+
+    # Spectrum's formula, by hand: sigma = IQR / 1.349, threshold = sigma * (1 + sqrt(beta)), beta = min / max
+    ascending = sorted(singular)
+    sigma = (linear_quantile(ascending, 0.75) - linear_quantile(ascending, 0.25)) / 1.349
+    threshold = sigma * (1 + math.sqrt(min(shape) / max(shape)))
+    signal = sum(s for s in singular if s > threshold)
+    noise = sum(s for s in singular if s <= threshold)
+    assert noise > 0 and not any(abs(s - threshold) < 1e-3 for s in singular)  # the split is not a rounding call
+
+    score = spectrum_snr(weight)
+    assert score.sigma == pytest.approx(sigma, rel=1e-5)
+    assert score.threshold == pytest.approx(threshold, rel=1e-5)
+    assert score.above == sum(s > threshold for s in singular)
+    assert score.signal == pytest.approx(signal, rel=1e-5)
+    assert score.noise == pytest.approx(noise, rel=1e-5)
+    assert score.max_singular_value == pytest.approx(9.0, rel=1e-5)
+    assert score.snr == pytest.approx(signal / noise / 9.0, rel=1e-5)
+    assert spectrum_snr(weight.T).snr == pytest.approx(score.snr, rel=1e-5)  # Conv1D's (in, out) scores the same
+
+
+def test_spectrum_snr_edge_cases_follow_spectrum_or_stay_finite() -> None:
+    rng = torch.Generator().manual_seed(1)
+    flat = 3.0 * orthonormal(24, 8, rng).float()  # all singular values equal: IQR 0, every value above the threshold
+    score = spectrum_snr(flat)
+    assert score.above == 8 and score.noise == 1.0  # Spectrum's fallback when nothing is noise
+    assert score.snr == pytest.approx(8 * 3.0 / 1.0 / 3.0, rel=1e-4)
+    assert spectrum_snr(torch.zeros(8, 4)).snr == 0.0  # Spectrum: inf
+    low_rank = torch.outer(torch.randn(16, generator=rng), torch.randn(8, generator=rng))
+    assert math.isfinite(spectrum_snr(low_rank).snr)  # numerically zero noise: floored, not inf
+    with torch.device("meta"):
+        meta = torch.empty(4, 4)
+    with pytest.raises(IlaError, match="spectrum needs the weights"):
+        spectrum_snr(meta)
+
+
+def spectrum_selection(ranking: Ranking, percent: int, model_order: list[str]) -> set[str]:
+    """Spectrum's own rule (generate_unfrozen_params_yaml): per type, sort by score and keep int(n * P / 100)."""
+    position = {name: i for i, name in enumerate(model_order)}
+    chosen: set[str] = set()
+    for module_type in {e.module_type for e in ranking.layers}:
+        members = sorted((e for e in ranking.layers if e.module_type == module_type), key=lambda e: position[e.name])
+        ordered = sorted(members, key=lambda e: e.score, reverse=True)  # stable, like Spectrum's: ties in model order
+        chosen.update(e.name for e in ordered[: int(len(members) * percent / 100)])
+    return chosen
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+def test_spectrum_ranking_gives_spectrums_per_type_selection(builder) -> None:
+    model = builder()
+    layers = discover_layers(model)
+    ranking = rank_with("spectrum", layers, model)
+    assert ranking.method == "spectrum" and ranking.info["source"].startswith("github.com/QuixiAI/spectrum")
+    scores = {e.name: e.score for e in ranking.layers}
+    for layer in layers:  # the score column is Spectrum's own score
+        assert scores[layer.name] == pytest.approx(spectrum_snr(weight_matrix(model, layer)).snr, rel=1e-9)
+    types = {layer.module_type for layer in layers}
+    for module_type in types:  # within a type, the ranking follows the score
+        inside = [e.score for e in ranking.layers if e.module_type == module_type]
+        assert inside == sorted(inside, reverse=True)
+    for percent in (25, 50, 75, 100):
+        per_type = select(ranking, SelectionRule("top_fraction", percent / 100, per_type=True))
+        assert set(per_type.names()) == spectrum_selection(ranking, percent, [layer.name for layer in layers])
+        # the types are interleaved, so the global top-K of the same size is the same set
+        assert set(ranking.top(len(per_type.layers))) == set(per_type.names())
+    assert {e.module_type for e in ranking.layers[: len(types)]} == types  # every type's best comes first
+
+
 # --------------------------------------------------------------------------------------------- grad-norm
 
 
@@ -247,7 +343,7 @@ def test_grad_norm_is_finite_deterministic_and_leaves_the_model_alone(examples) 
 
 def test_data_free_methods_never_read_data(tmp_path: Path, tiny_model_dir: Path) -> None:
     missing = str(tmp_path / "no-such-data.jsonl")
-    for method in ("random", "first", "last", "snr"):
+    for method in ("random", "first", "last", "snr", "spectrum"):
         result = run_rank(method, str(tiny_model_dir), data=missing, output=str(tmp_path / method))
         assert len(result.ranking.layers) == 28
         manifest = json.loads((result.run_dir / "manifest.json").read_text())
@@ -316,7 +412,34 @@ def test_rank_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["rank", "--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: ila rank" in out and "examples:" in out and "delta-norm" in out
+    assert "usage: ila rank" in out and "examples:" in out and "delta-norm" in out and "spectrum" in out
+
+
+def test_rank_spectrum_then_select_per_type_cli(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "spectrum"
+    code = main(["-q", "rank", "--method", "spectrum", "--model", str(tiny_model_dir), "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    ranking = load_ranking(out)
+    assert ranking.method == "spectrum" and len(ranking.layers) == 28
+    assert json.loads((out / "manifest.json").read_text())["data"] is None
+    capsys.readouterr()
+    selection = tmp_path / "sel.json"
+    code = main(["-q", "select", "--ranking", str(out), "--top", "0.5", "--per-type", "--output", str(selection)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    data = json.loads(selection.read_text())
+    assert data["rule"]["per_type"] is True and data["n_selected"] == 14
+    model_order = [layer.name for layer in discover_layers(tiny_llama())]
+    assert {entry["name"] for entry in data["layers"]} == spectrum_selection(ranking, 50, model_order)
+    for module_type in {e.module_type for e in ranking.layers}:  # 2 of each type's 4, its best 2 by the ranking
+        best = [e.name for e in ranking.layers if e.module_type == module_type][:2]
+        assert sorted(e["name"] for e in data["layers"] if e["module_type"] == module_type) == sorted(best)
+    assert data["lowest_block"] == min(entry["block"] for entry in data["layers"])
+    total = sum(e.n_params for e in ranking.layers)
+    assert data["trainable_share"]["full"] == pytest.approx(data["trainable_params"]["full"] / total)
+    assert "of all linear-layer weights" in printed and f"lowest selected block {data['lowest_block']}" in printed
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="VmHWM reset needs Linux /proc")

@@ -1,8 +1,10 @@
-"""Selection: top-K, fractions, freeze-bottom, parameter and memory budgets, impossible rules, the CLI."""
+"""Selection: top-K, fractions, freeze-bottom, parameter and memory budgets, per module type, the trainable share
+and lowest block, impossible rules, the CLI."""
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from conftest import tiny_gpt2, tiny_llama
 from ila.cli import main
 from ila.errors import IlaError
 from ila.layers import Layer, discover_layers
-from ila.ranking import Ranking, rank_layers
+from ila.ranking import Ranking, load_ranking, rank_layers
 from ila.selection import (
     ModelShapes,
     SelectionRule,
@@ -20,6 +22,7 @@ from ila.selection import (
     load_selection,
     lora_param_count,
     parse_param_count,
+    per_type_count,
     select,
     select_from_file,
     top,
@@ -68,6 +71,15 @@ def test_selection_reports_counts_and_depth(llama: tuple[list[Layer], ModelShape
     assert all(s.module_type and s.block == 3 for s in selection.layers)
     assert selection.ranking_method == "last-k" and selection.ranking_path == "r.json"
     assert selection.n_layers == len(layers) and selection.n_blocks == 4
+    assert selection.trainable_share is not None
+    assert selection.trainable_share["full"] == pytest.approx(
+        selection.trainable_params["full"] / sum(la.n_params for la in layers)
+    )
+    assert selection.trainable_share["lora"] == pytest.approx(
+        selection.trainable_params["lora"] / sum(lora_param_count(la, 8) for la in layers)
+    )
+    summary = selection.summary()
+    assert "25.0% of all linear-layer weights" in summary and "lowest selected block 3 of 4" in summary
 
 
 def test_depth_costs_memory(llama: tuple[list[Layer], ModelShapes]) -> None:
@@ -103,6 +115,134 @@ def test_param_budget_never_exceeded(llama: tuple[list[Layer], ModelShapes], met
     assert spent == selection.trainable_params["full" if method == "full" else "lora"]
     left_out = [name for name in ranking.names() if name not in set(selection.names())]
     assert all(spent + cost(name) > budget for name in left_out)  # greedy skipping: nothing else would fit
+
+
+# ------------------------------------------------------------------------------------------------- per type
+
+
+def per_type_names(ranking: Ranking, module_type: str) -> list[str]:
+    return [e.name for e in ranking.layers if e.module_type == module_type]
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.3, 0.5, 0.6, 0.75, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_top_fraction_per_type_takes_the_share_of_each_type_in_ranking_order(
+    llama: tuple[list[Layer], ModelShapes], fraction: float, seed: int
+) -> None:
+    layers, shapes = llama  # 4 blocks x 7 module types
+    ranking = random_ranking(layers, seed)
+    selection = select(ranking, SelectionRule("top_fraction", fraction, per_type=True), shapes)
+    chosen = set(selection.names())
+    types = {layer.module_type for layer in layers}
+    expected = max(1, math.floor(fraction * 4 + 1e-9))  # rounded down, at least one per type
+    for module_type in types:
+        ordered = per_type_names(ranking, module_type)
+        assert [n for n in ordered if n in chosen] == ordered[:expected]  # the type's best, by the ranking
+    assert len(chosen) == expected * len(types)
+    assert selection.rule.per_type and "of each module type" in selection.description
+
+
+def test_top_half_per_type_differs_from_global_top_half(llama: tuple[list[Layer], ModelShapes]) -> None:
+    layers, shapes = llama
+    # a ranking that puts every MLP layer first: globally the top 50% is 12 MLP layers and 2 others, per type it
+    # is 2 of each type
+    ranking = rank_layers(layers, [float(la.module_type.startswith("mlp")) + la.block / 10 for la in layers], "mlp")
+    per_type = select(ranking, SelectionRule("top_fraction", 0.5, per_type=True), shapes)
+    assert {la.module_type for la in per_type.layers} == {la.module_type for la in layers}
+    assert all(sum(s.module_type == t for s in per_type.layers) == 2 for t in {la.module_type for la in layers})
+    assert {s.block for s in per_type.layers} == {2, 3}  # within each type, this ranking prefers deep blocks
+    assert per_type.lowest_block == 2 and per_type.backward_blocks == 2
+    globally = select(ranking, top(0.5), shapes)
+    assert sum(s.module_type.startswith("mlp") for s in globally.layers) == 12
+
+
+def test_count_and_freeze_bottom_per_type(llama: tuple[list[Layer], ModelShapes]) -> None:
+    layers, shapes = llama
+    ranking = random_ranking(layers, seed=5)
+    types = {layer.module_type for layer in layers}
+    by_count = select(ranking, SelectionRule("top_count", 3.0, per_type=True), shapes)
+    for module_type in types:
+        assert [n for n in per_type_names(ranking, module_type) if n in set(by_count.names())] == per_type_names(
+            ranking, module_type
+        )[:3]
+    for frozen in (0.0, 0.25, 0.5, 0.7, 0.99):  # the frozen count per type is rounded down: each type keeps >= 1
+        kept = select(ranking, SelectionRule("freeze_bottom", frozen, per_type=True), shapes)
+        keep = 4 - math.floor(frozen * 4 + 1e-9)
+        for module_type in types:
+            ordered = per_type_names(ranking, module_type)
+            assert [n for n in ordered if n in set(kept.names())] == ordered[:keep]
+    with pytest.raises(IlaError, match="allowed: 1 to 4"):
+        select(ranking, SelectionRule("top_count", 5.0, per_type=True), shapes)
+
+
+def test_per_type_count_rounds_down_with_at_least_one() -> None:
+    assert per_type_count(0.29, 100) == 29  # 0.29 * 100 = 28.999999999999996 in floating point
+    assert per_type_count(0.3, 32) == 9  # Spectrum: int(32 * 30 / 100)
+    assert per_type_count(0.01, 4) == 1  # Spectrum would take none
+    assert per_type_count(1.0, 7) == 7
+
+
+@pytest.mark.parametrize("method,r", [("lora", 8), ("full", 8)])
+@pytest.mark.parametrize("budget", [2000, 4096, 6000, 9000, 20_000, 40_000, 10**9])
+def test_param_budget_per_type_never_exceeds_the_budget_or_a_types_share(
+    llama: tuple[list[Layer], ModelShapes], method: str, r: int, budget: int
+) -> None:
+    layers, shapes = llama
+    by_name = {layer.name: layer for layer in layers}
+    ranking = random_ranking(layers, seed=budget % 97)
+    rule = SelectionRule("param_budget", float(budget), method=method, lora_r=r, per_type=True)  # type: ignore[arg-type]
+
+    def cost(name: str) -> int:
+        return by_name[name].n_params if method == "full" else lora_param_count(by_name[name], r)
+
+    types = {layer.module_type for layer in layers}
+    size = {t: sum(cost(la.name) for la in layers if la.module_type == t) for t in types}
+    total = sum(size.values())
+    smallest = {t: min(cost(la.name) for la in layers if la.module_type == t) for t in types}
+    need = max(math.ceil(smallest[t] * total / size[t]) for t in types)
+    if budget < need:
+        with pytest.raises(IlaError, match=f"at least {need:,}") as err:
+            select(ranking, rule, shapes)
+        assert "\n" not in str(err.value)
+        return
+    selection = select(ranking, rule, shapes)
+    spent = {t: sum(cost(s.name) for s in selection.layers if s.module_type == t) for t in types}
+    assert sum(spent.values()) <= budget
+    assert sum(spent.values()) == selection.trainable_params["full" if method == "full" else "lora"]
+    for t in types:
+        assert 0 < spent[t] <= budget * size[t] / total  # every type gets a layer, none more than its share
+        ordered = per_type_names(ranking, t)
+        taken = [n for n in ordered if n in set(selection.names())]
+        left = [n for n in ordered if n not in set(taken)]
+        assert all(spent[t] + cost(n) > budget * size[t] // total for n in left)  # greedy: nothing else fits
+
+
+def test_param_budget_per_type_threshold_is_exact(llama: tuple[list[Layer], ModelShapes]) -> None:
+    layers, shapes = llama
+    ranking = random_ranking(layers)
+    with pytest.raises(IlaError, match=r"at least ([\d,]+)") as err:
+        select(ranking, SelectionRule("param_budget", 1000.0, per_type=True), shapes)
+    need = int(str(err.value).split("at least ")[1].split(" ")[0].replace(",", ""))
+    assert len(select(ranking, SelectionRule("param_budget", float(need), per_type=True), shapes).layers) == 7
+    with pytest.raises(IlaError, match="below its smallest layer"):
+        select(ranking, SelectionRule("param_budget", float(need - 1), per_type=True), shapes)
+
+
+def test_memory_budget_per_type_is_refused() -> None:
+    with pytest.raises(IlaError, match="does not apply to a memory budget") as err:
+        SelectionRule("memory_budget", 1.0, per_type=True)
+    assert "\n" not in str(err.value)
+
+
+def test_old_selection_files_without_a_share_still_load(tmp_path: Path, ranking_file: Path) -> None:
+    selection = select_from_file(ranking_file, top(3))
+    data = selection.to_dict()
+    del data["trainable_share"]
+    data["rule"].pop("per_type")
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = load_selection(tmp_path / "old.json")
+    assert old.trainable_share is None and old.rule.per_type is False and old.names() == selection.names()
+    assert "lowest selected block" in old.summary()
 
 
 @pytest.mark.parametrize("budget_gb", [0.0022, 0.003, 0.004, 0.05])
@@ -222,6 +362,10 @@ def test_cli_select(tmp_path: Path, ranking_file: Path, capsys: pytest.CaptureFi
         ["--freeze-bottom", "1"],
         ["--param-budget", "10"],
         ["--memory-budget", "0"],
+        ["--param-budget", "10", "--per-type"],
+        ["--param-budget", "3000", "--per-type"],
+        ["--memory-budget", "1", "--per-type"],
+        ["--top", "5", "--per-type"],
     ],
 )
 def test_cli_impossible_selection_exits_2_with_one_line(
@@ -245,4 +389,29 @@ def test_cli_select_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["select", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--param-budget" in out and "examples:" in out
+    assert "--param-budget" in out and "--per-type" in out and "examples:" in out
+
+
+def test_cli_select_per_type_and_budget_print_share_and_lowest_block(
+    tmp_path: Path, ranking_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ranking = load_ranking(ranking_file)
+    out = tmp_path / "sel.json"
+    code = main(["-q", "select", "--ranking", str(ranking_file), "--top", "0.5", "--per-type", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["rule"]["per_type"] is True and data["n_selected"] == 14
+    for module_type in {e.module_type for e in ranking.layers}:
+        best = per_type_names(ranking, module_type)[:2]
+        assert sorted(e["name"] for e in data["layers"] if e["module_type"] == module_type) == sorted(best)
+    assert f"lowest selected block {data['lowest_block']} of 4" in printed
+    assert f"{data['trainable_share']['full']:.1%} of all linear-layer weights" in printed
+    for budget in ("2500", "4k", "9000"):  # greedy budgets: never above N, share and lowest block printed
+        args = ["--param-budget", budget, "--output", str(out), "--overwrite"]
+        code = main(["-q", "select", "--ranking", str(ranking_file), *args])
+        printed = capsys.readouterr().out
+        data = json.loads(out.read_text())
+        assert code == 0 and 0 < data["trainable_params"]["lora"] <= parse_param_count(budget)
+        assert data["lowest_block"] == min(e["block"] for e in data["layers"])
+        assert "of an all-layer adapter" in printed and "lowest selected block" in printed

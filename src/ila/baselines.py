@@ -1,8 +1,8 @@
-"""Baseline rankings, in the same ranking format as ILA: random, first, last, delta-norm, grad-norm and snr.
+"""Baseline rankings, in the same ranking format as ILA: random, first, last, delta-norm, grad-norm, snr, spectrum.
 
 Stage: ranking, beside `ila identify` (`ila rank`). Reads the model; `delta-norm` also a saved PEFT adapter (e.g.
-an identify run's `stage1/adapter`), `grad-norm` SFT data; random, first, last and snr never read data. Writes a
-run folder with ranking.json, ranking.csv and manifest.json.
+an identify run's `stage1/adapter`), `grad-norm` SFT data; random, first, last, snr and spectrum never read data.
+Writes a run folder with ranking.json, ranking.csv and manifest.json.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ila.config import BUNDLED_DATA, DEFAULT_MODEL, DataConfig, LoraSettings, ModelConfig
 from ila.errors import IlaError
-from ila.layers import Layer, discover_layers
+from ila.layers import Layer, discover_layers, module_types
 from ila.lora_adapters import (
     attach_lora,
     has_lora,
@@ -42,9 +42,11 @@ from ila.training_loop import sft_loss
 
 log = logging.getLogger(__name__)
 
-METHODS = ("random", "first", "last", "delta-norm", "grad-norm", "snr")
-DATA_FREE = ("random", "first", "last", "snr")  # never read SFT data (snr reads the weights only)
-NEEDS_WEIGHTS = ("delta-norm", "grad-norm", "snr")  # the others need the module tree only
+# snr: ila's scale-free SNR, one global order (the method name rankings already on disk carry);
+# spectrum: Spectrum's own score and per-module-type order (see `rank_spectrum`)
+METHODS = ("random", "first", "last", "delta-norm", "grad-norm", "snr", "spectrum")
+DATA_FREE = ("random", "first", "last", "snr", "spectrum")  # never read SFT data (snr, spectrum: the weights only)
+NEEDS_WEIGHTS = ("delta-norm", "grad-norm", "snr", "spectrum")  # the others need the module tree only
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class BaselineSettings:
     grad_batches: int = 8  # grad-norm: batches of sft_loss backward, no optimizer step
     batch_size: int = 4  # grad-norm
     lora: LoraSettings = field(default_factory=LoraSettings)  # grad-norm: the fresh adapter whose B is measured
-    snr_divide_by_max: bool = False  # snr: True = Spectrum's (signal/noise) / σ_max, not comparable across shapes
+    snr_divide_by_max: bool = False  # snr: also divide by σ_max as Spectrum does; not comparable across shapes
 
     def __post_init__(self) -> None:
         if self.grad_batches < 1 or self.batch_size < 1:
@@ -273,11 +275,11 @@ def marchenko_pastur_median(beta: float) -> float:
 class SpectrumScore:
     """One weight matrix's singular values against the Marchenko-Pastur noise edge."""
 
-    snr: float  # the score: signal / noise, or (signal / noise) / σ_max (Spectrum's ratio)
+    snr: float  # the score: signal / noise, or (signal / noise) / σ_max (Spectrum's division)
     signal: float  # sum of singular values above the threshold
     noise: float  # sum of singular values at or below it
-    threshold: float  # the noise bulk's upper edge, in singular-value units
-    sigma: float  # estimated noise standard deviation of one entry
+    threshold: float  # in singular-value units: where noise ends
+    sigma: float  # the noise scale the threshold is built from (its meaning differs: see each function)
     max_singular_value: float
     above: int  # how many singular values lie above the threshold
 
@@ -291,33 +293,43 @@ def weight_matrix(model: nn.Module, layer: Layer) -> torch.Tensor:
     return weight.T if isinstance(module, Conv1D) else weight
 
 
+def _singular_values(weight: torch.Tensor, method: str) -> torch.Tensor:
+    """Singular values, largest first, as float64 on the CPU; computed in float32, as Spectrum (fp32 model) does."""
+    if weight.device.type == "meta":
+        raise IlaError(f"{method} needs the weights, but this model's weights are on the meta device (not loaded)")
+    matrix = weight.detach().float()
+    if not torch.isfinite(matrix).all():
+        raise IlaError(f"{method}: the weight matrix holds NaN or infinite values")
+    return torch.linalg.svdvals(matrix).double().cpu()
+
+
+def _numerical_zero(top: float, shape: torch.Size) -> float:
+    """Singular values below this are float32 round-off, not measurable noise."""
+    return top * max(shape) * torch.finfo(torch.float32).eps
+
+
 def spectrum_score(weight: torch.Tensor, divide_by_max: bool = False) -> SpectrumScore:
-    """Spectrum-style SNR of one weight matrix (data-free).
+    """ila's Spectrum-style SNR of one weight matrix (data-free, method `snr`); comparable across shapes.
 
     Noise model: W = signal of low rank + iid noise of entry std σ. For an m x n noise matrix (β = min/max) the
     squared singular values divided by max(m, n)·σ² follow the Marchenko-Pastur law, whose bulk ends at
     σ·(sqrt(m) + sqrt(n)) = σ·sqrt(max)·(1 + sqrt(β)): the threshold.
     σ estimate (our choice, documented): Gavish & Donoho's median rule σ = median singular value /
     sqrt(max(m, n) · μ_β), μ_β the Marchenko-Pastur median; a few large signal values barely move a median.
-    Spectrum itself uses IQR(singular values)/1.349 with the threshold σ·(1 + sqrt(β)), which ignores the matrix
-    size. Score: SNR = Σ above / Σ below (scale-free). With `divide_by_max`, also divided by the largest
-    singular value, exactly Spectrum's ratio; that makes the score depend on the weight's scale and, for strong
-    spikes, approach (number of spikes) / Σ below, which favours matrices with few singular values. Spectrum only
-    compares layers within one module type, where this cancels; a global ranking does not, so it is off by
-    default (on a tiny Llama with pure-noise weights, a rank-3 signal planted in a 32x64 down_proj ranked first by
-    the plain ratio in 5 of 5 seeds and below 16x32 pure-noise k/v matrices with Spectrum's ratio in 5 of 5).
+    Spectrum itself (`spectrum_snr`) uses IQR(singular values)/1.349 with the threshold σ·(1 + sqrt(β)), which
+    ignores the matrix size. Score: SNR = Σ above / Σ below (scale-free). With `divide_by_max`, also divided by
+    the largest singular value, as Spectrum divides (its σ and threshold are not used here); that makes the score
+    depend on the weight's scale and, for strong spikes, approach (number of spikes) / Σ below, which favours
+    matrices with few singular values. Spectrum only compares layers within one module type, where this cancels;
+    a global ranking does not, so it is off by default (on a tiny Llama with pure-noise weights, a rank-3 signal
+    planted in a 32x64 down_proj ranked first by the plain ratio in 5 of 5 seeds and below 16x32 pure-noise k/v
+    matrices with the division in 5 of 5).
 
-    Numerically zero singular values (below σ_max · max(m, n) · float32 eps) cannot be measured as noise: the
-    noise sum is floored there, so an exactly low-rank matrix gets a large, finite score, never infinity.
+    Numerically zero singular values (`_numerical_zero`) cannot be measured as noise: the noise sum is floored
+    there, so an exactly low-rank matrix gets a large, finite score, never infinity.
     """
-    if weight.device.type == "meta":
-        raise IlaError("snr needs the weights, but this model's weights are on the meta device (not loaded)")
-    matrix = weight.detach().float()
-    if not torch.isfinite(matrix).all():
-        raise IlaError("snr: the weight matrix holds NaN or infinite values")
-    values = torch.linalg.svdvals(matrix).double().cpu()
-    rows, cols = matrix.shape
-    small, big = min(rows, cols), max(rows, cols)
+    values = _singular_values(weight, "snr")
+    small, big = min(weight.shape), max(weight.shape)
     top = float(values[0]) if values.numel() else 0.0
     if top == 0.0:
         return SpectrumScore(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
@@ -325,7 +337,7 @@ def spectrum_score(weight: torch.Tensor, divide_by_max: bool = False) -> Spectru
     threshold = sigma * (math.sqrt(big) + math.sqrt(small))
     above = values > threshold
     signal = float(values[above].sum())
-    noise = max(float(values[~above].sum()), top * big * torch.finfo(torch.float32).eps)
+    noise = max(float(values[~above].sum()), _numerical_zero(top, weight.shape))
     ratio = signal / noise
     return SpectrumScore(
         ratio / top if divide_by_max else ratio, signal, noise, threshold, sigma, top, int(above.sum())
@@ -333,7 +345,7 @@ def spectrum_score(weight: torch.Tensor, divide_by_max: bool = False) -> Spectru
 
 
 def rank_snr(model: nn.Module, layers: Sequence[Layer], divide_by_max: bool = False) -> Ranking:
-    """Rank by the Spectrum-style SNR of each pretrained weight matrix; reads no data, trains nothing."""
+    """Rank by ila's SNR of each pretrained weight matrix, one global order; reads no data, trains nothing."""
     scores = []
     with torch.no_grad():
         for layer in layers:
@@ -344,6 +356,72 @@ def rank_snr(model: nn.Module, layers: Sequence[Layer], divide_by_max: bool = Fa
         "threshold": "Marchenko-Pastur bulk edge sigma*(sqrt(m)+sqrt(n))",
     }
     return rank_layers(layers, scores, "snr", info=info)
+
+
+# ------------------------------------------------------------------------------------------------- spectrum
+
+SPECTRUM_SOURCE = "github.com/QuixiAI/spectrum (formerly cognitivecomputations/spectrum), spectrum.py @ 1996495"
+IQR_TO_STD = 1.349  # interquartile range of a standard normal: Spectrum's IQR-to-σ factor
+
+
+def spectrum_snr(weight: torch.Tensor) -> SpectrumScore:
+    """Spectrum's own score of one weight matrix, as SPECTRUM_SOURCE computes it (`calculate_snr_for_layer`,
+    `estimate_sigma_with_full_iqr`, `marchenko_pastur_threshold`); read there, written here:
+
+    - S: the singular values (Spectrum loads the model in float32);
+    - σ = (q75(S) - q25(S)) / 1.349, quantiles by linear interpolation (torch.quantile's default, as there);
+    - ε = σ·(1 + sqrt(β)), β = min(m, n) / max(m, n) (Spectrum writes it sqrt((1 + sqrt β)²));
+    - signal = Σ S > ε; noise = Σ S ≤ ε, or 1.0 when no value is ≤ ε (Spectrum's fallback);
+    - score = (signal / noise) / S_max.
+
+    This σ is the spread of the singular values, not one entry's noise std, and ε lacks the sqrt(max(m, n)) of
+    the Marchenko-Pastur edge (see `spectrum_score`); the score is meant for layers of one module type, where
+    Spectrum compares it. Two departures, both where Spectrum has no finite answer: an all-zero matrix scores 0
+    (Spectrum: inf), and a noise sum of numerically zero values is floored at `_numerical_zero` (Spectrum: inf),
+    so every score is finite JSON.
+    """
+    values = _singular_values(weight, "spectrum")
+    top = float(values[0]) if values.numel() else 0.0
+    if top == 0.0:
+        return SpectrumScore(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+    q75, q25 = torch.quantile(values, torch.tensor([0.75, 0.25], dtype=values.dtype)).tolist()
+    sigma = (q75 - q25) / IQR_TO_STD
+    threshold = sigma * (1 + math.sqrt(min(weight.shape) / max(weight.shape)))
+    above = values > threshold
+    signal = float(values[above].sum())
+    noise = max(float(values[~above].sum()), _numerical_zero(top, weight.shape)) if not above.all() else 1.0
+    return SpectrumScore(signal / noise / top, signal, noise, threshold, sigma, top, int(above.sum()))
+
+
+def rank_spectrum(model: nn.Module, layers: Sequence[Layer]) -> Ranking:
+    """Spectrum's ranking: each module type ordered by `spectrum_snr`, the types interleaved.
+
+    Within a type the order is Spectrum's (score descending; ties in model order, as its stable sort leaves them).
+    Across types a layer's key is the share of its type taken up to and including it (the i-th best of n_t layers:
+    i/n_t), smallest first, ties in discovery order. So the top fraction f of each type rounded down (`ila select
+    --per-type`, like Spectrum's int(n_t·P/100)) is Spectrum's selection at --top-percent 100·f, and a global top-K
+    stays balanced across types instead of comparing scores Spectrum never compares. The score column is
+    Spectrum's score (what its snr_results JSON holds), comparable within a type only, so across types the rank
+    does not follow it.
+    """
+    with torch.no_grad():
+        snr = [spectrum_snr(weight_matrix(model, layer)).snr for layer in layers]
+    taken = [0.0] * len(layers)
+    for module_type in module_types(list(layers)):
+        members = [i for i, layer in enumerate(layers) if layer.module_type == module_type]
+        for place, i in enumerate(sorted(members, key=lambda j: -snr[j]), start=1):  # stable: ties in model order
+            taken[i] = place / len(members)
+    info = {
+        "source": SPECTRUM_SOURCE,
+        "score": "(signal/noise)/sigma_max, comparable within a module type only",
+        "sigma_estimate": "IQR of the singular values / 1.349",
+        "threshold": "sigma*(1+sqrt(beta))",
+        "order": "per module type by score; types interleaved by the share of their type taken",
+    }
+    ranking = rank_layers(layers, [-share for share in taken], "spectrum", info=info)
+    by_name = dict(zip((layer.name for layer in layers), snr, strict=True))
+    ranking.layers = [replace(entry, score=by_name[entry.name]) for entry in ranking.layers]
+    return ranking
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -365,7 +443,7 @@ def rank_with(
     pad_id: int = 0,
     settings: BaselineSettings | None = None,
 ) -> Ranking:
-    """Run one baseline method. `model` is needed by delta-norm, grad-norm and snr; `adapter` by delta-norm;
+    """Run one baseline method. `model` is needed by delta-norm, grad-norm, snr and spectrum; `adapter` by delta-norm;
     `examples` (and the tokenizer's `pad_id`) by grad-norm only."""
     check_method(method)
     settings = settings or BaselineSettings()
@@ -377,6 +455,8 @@ def rank_with(
         raise IlaError(f"method {method} needs the model's weights")
     if method == "snr":
         return rank_snr(model, layers, settings.snr_divide_by_max)
+    if method == "spectrum":
+        return rank_spectrum(model, layers)
     if method == "delta-norm":
         if adapter is None:
             raise IlaError(
@@ -459,6 +539,8 @@ def run_rank(
         model_name = model_name or _adapter_base_model(adapter)
     if method in DATA_FREE and data is not None:
         log.warning("method %s is data-free; --data %s is not read", method, data)
+    if settings.snr_divide_by_max and method != "snr":
+        log.warning("--snr-spectrum-ratio is used by snr only; method %s ignores it", method)
     model_name = model_name or DEFAULT_MODEL
     model_cfg = ModelConfig(name=model_name, include_lm_head=include_lm_head, trust_remote_code=trust_remote_code)
     torch.manual_seed(settings.seed)

@@ -44,10 +44,15 @@ SELECT_EXAMPLES = """examples:
   ila select --ranking R --param-budget 2M --lora-r 16 --output sel.json         # LoRA parameters r*(in+out)
   ila select --ranking R --param-budget 50M --method full --output sel.json      # weights in*out
   ila select --ranking R --memory-budget 12 --method qlora --output sel.json     # estimated training GB
+  ila select --ranking runs/spectrum --top 0.25 --per-type --output sel.json     # best 25% of each module type
+  ila select --ranking R --param-budget 2M --per-type --output sel.json          # split by type, by type's size
 
 Budgets are greedy by rank and skip layers that do not fit, so they are never exceeded. Any ranking.json works
 (ILA or a baseline such as random-K or last-K). The memory estimate counts weights, adapter/optimizer state,
-activations from the lowest selected block up (backward stops there: the depth cost) and logits.
+activations from the lowest selected block up (backward stops there: the depth cost) and logits. --per-type
+applies the rule to each module type in the ranking's order: a count per type, a fraction rounded down per type
+(at least 1; Spectrum's int(n*P/100)), freeze-bottom per type, a parameter budget split in proportion to each
+type's parameters (a memory budget is not split). The summary prints the trainable share and the lowest block.
 """
 
 FINETUNE_EXAMPLES = """examples:
@@ -78,13 +83,20 @@ on the meta device (no weights).
 RANK_EXAMPLES = """examples:
   ila rank --method last --model ./my-llama --output runs/last           # deepest blocks first (no data, no weights)
   ila rank --method random --seed 3 --model ./my-llama --output runs/random-3
-  ila rank --method snr --model ./my-llama --output runs/snr              # Spectrum-style SNR of the weights
+  ila rank --method snr --model ./my-llama --output runs/snr              # ila's SNR of the weights, one global order
+  ila rank --method spectrum --model ./my-llama --output runs/spectrum    # Spectrum's exact score, order per type
   ila rank --method delta-norm --adapter runs/llama-lima --output runs/dnorm   # |Δθ| of the Stage-1 adapter
   ila rank --method grad-norm --model ./my-llama --data train.jsonl --batches 8 --output runs/gnorm
 
-random, first, last and snr never read data; delta-norm reads the adapter of an identify run (the run folder or its
-stage1/adapter; the model defaults to the adapter's base model); grad-norm reads SFT data. The run folder holds
-ranking.json, ranking.csv and manifest.json, in the same format as `ila identify`, for `ila select` and `ila compare`.
+random, first, last, snr and spectrum never read data; delta-norm reads the adapter of an identify run (the run
+folder or its stage1/adapter; the model defaults to the adapter's base model); grad-norm reads SFT data. The run
+folder holds ranking.json, ranking.csv and manifest.json, in the same format as `ila identify`, for `ila select` and
+`ila compare`.
+
+snr vs spectrum: snr is ila's scale-free SNR (median noise estimate, Marchenko-Pastur edge), one global order, so it
+compares matrices of different shapes. spectrum is Spectrum's score as its spectrum.py computes it (IQR/1.349 noise
+estimate, threshold sigma*(1+sqrt(beta)), divided by the largest singular value), ordered within each module type
+and interleaved across types; `ila select --top 0.25 --per-type` on it is Spectrum's --top-percent 25 selection.
 """
 
 COMPARE_EXAMPLES = """examples:
@@ -244,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="lora",
         help="what a budget counts: LoRA factors r*(in+out) or full weights in*out (default lora)",
     )
+    select.add_argument(
+        "--per-type",
+        action="store_true",
+        help="apply --top, --freeze-bottom or --param-budget within each module type (q_proj, k_proj, ... "
+        "separately), as Spectrum does; a fraction is rounded down per type, at least 1 layer each",
+    )
     select.add_argument("--lora-r", type=int, default=8, help="LoRA rank for parameter counts (default 8)")
     select.add_argument("--batch-size", type=int, default=4, help="memory estimate: sequences per step (default 4)")
     select.add_argument("--max-length", type=int, default=256, help="memory estimate: tokens per sequence (256)")
@@ -314,13 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rank = sub.add_parser(
         "rank",
-        help="rank layers with a baseline (random, first, last, delta-norm, grad-norm, snr)",
+        help="rank layers with a baseline (random, first, last, delta-norm, grad-norm, snr, spectrum)",
         description="Rank layers with a baseline method, in the same ranking format as "
         "`ila identify`; writes ranking.json, ranking.csv and manifest.json to a run folder.",
         epilog=RANK_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    rank.add_argument("--method", required=True, help="random | first | last | delta-norm | grad-norm | snr")
+    rank.add_argument("--method", required=True, help="random | first | last | delta-norm | grad-norm | snr | spectrum")
     rank.add_argument(
         "--model",
         help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL}; "
@@ -342,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument(
         "--snr-spectrum-ratio",
         action="store_true",
-        help="snr: also divide by the largest singular "
-        "value, exactly as Spectrum does (not comparable across matrix shapes)",
+        help="snr: also divide by the largest singular value, as Spectrum does (not comparable across matrix "
+        "shapes; noise estimate and threshold stay ila's: for Spectrum's own score use --method spectrum)",
     )
     rank.add_argument("--include-lm-head", action="store_true", help="also rank the output head")
     rank.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute (auto)")
@@ -612,7 +630,13 @@ def _select(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise IlaError(f"{output} already exists; choose another --output or pass --overwrite")
-    common = {"method": args.method, "lora_r": args.lora_r, "batch_size": args.batch_size, "seq_len": args.max_length}
+    common = {
+        "method": args.method,
+        "lora_r": args.lora_r,
+        "batch_size": args.batch_size,
+        "seq_len": args.max_length,
+        "per_type": args.per_type,
+    }
     if args.top is not None:
         try:
             rule = SelectionRule("top_count", float(int(args.top)), **common)
@@ -737,6 +761,8 @@ def _rank(args: argparse.Namespace) -> int:
     )
     print(f"run folder: {result.run_dir}")
     print(f"{args.method}: {len(result.ranking.layers)} layers ranked in {result.timings['total']:.1f} s; top 10:")
+    if args.method == "spectrum":
+        print("  (ordered within each module type; Spectrum's scores compare within a type only)")
     for entry in result.ranking.layers[:10]:
         print(f"  {entry.rank:>3}. {entry.name}  score={entry.score:.4g}")
     return 0

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 ILA = "ila"
 FINETUNE_RULES = ("freeze-bottom", "top", "all")
-SEED_FREE = ("first", "last", "snr")  # baselines that read neither the seed nor the data
-DATA_FREE = ("random", "first", "last", "snr")
+SEED_FREE = ("first", "last", "snr", "spectrum")  # baselines that read neither the seed nor the data
+DATA_FREE = ("random", "first", "last", "snr", "spectrum")
 MILESTONE_METHODS = (ILA, "delta-norm")  # the only methods that read the Stage-1 update
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import markdown
 
+from ila import distributed
 from ila.run_folder import atomic_write_text
 
 _STYLE = """
@@ -65,6 +66,9 @@ def write_html_report(markdown_path: Path, extra_images: tuple[str, ...] = ()) -
     `extra_images` are files of the folder that the Markdown does not show but a reader wants to see (the heatmap
     of an identify run); they are appended under "Figures"."""
     folder = markdown_path.parent
+    target = folder / "report.html"
+    if not distributed.is_main():  # only the main process wrote report.md
+        return target
     text = markdown_path.read_text(encoding="utf-8")
     shown = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text))
     figures = [name for name in extra_images if name not in shown and (folder / name).is_file()]
@@ -78,7 +82,6 @@ def write_html_report(markdown_path: Path, extra_images: tuple[str, ...] = ()) -
         f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}\n"
         f"<script>{_SCRIPT}</script>\n</body>\n</html>\n"
     )
-    target = folder / "report.html"
     atomic_write_text(target, page)
     return target
 

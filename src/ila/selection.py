@@ -1,4 +1,5 @@
-"""Selection: turn a ranking into the layers to fine-tune (top-K, freeze-bottom, parameter or memory budget).
+"""Selection: turn a ranking into the layers to fine-tune (top-K, freeze-bottom, parameter or memory budget), over
+all layers at once or within each module type (`per_type`, Spectrum's rule).
 
 Reads a ranking.json (ILA or any baseline) and, for layer shapes and model order, the model's module tree (built
 on the meta device from its config, no weights); writes selection.json, which `ila finetune` and `ila export` read.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ class SelectionRule:
     `value` is a count (top_count), a fraction (top_fraction, freeze_bottom), a number of trainable parameters
     (param_budget) or GB of estimated training memory (memory_budget). `method` says which parameters a budget
     counts: LoRA factors r·(in+out) per layer (lora, qlora) or the weight itself in·out (full).
+    `per_type` applies the rule within each module type (q_proj, k_proj, ... separately; see `select`).
     """
 
     kind: RuleKind
@@ -51,12 +54,18 @@ class SelectionRule:
     batch_size: int = 4  # memory estimate: sequences per step
     seq_len: int = 256  # memory estimate: tokens per sequence
     weight_bytes: float = 2.0  # memory estimate: bf16 weights, ila's default on CUDA
+    per_type: bool = False
 
     def __post_init__(self) -> None:
         if self.lora_r < 1:
             raise IlaError(f"lora r={self.lora_r} must be >= 1")
         if self.batch_size < 1 or self.seq_len < 1:
             raise IlaError("the memory estimate needs batch size and sequence length >= 1")
+        if self.per_type and self.kind == "memory_budget":
+            raise IlaError(
+                "per-type selection does not apply to a memory budget (memory is not a sum over module types); "
+                "allowed with top, freeze-bottom or a parameter budget"
+            )
 
 
 def top(value: int | float) -> SelectionRule:
@@ -129,6 +138,9 @@ class Selection:
     lowest_block: int | None  # the backward pass must reach this block: the depth cost
     backward_blocks: int  # blocks the backward pass runs through (n_blocks − lowest_block)
     memory_estimate: dict[str, float] | None = None  # GB, for rule.method; None without model shapes
+    # trainable_params over the same count for every ranked layer: "full" = share of all linear-layer weights,
+    # "lora" = share of an all-layer adapter (None without shapes); None in files written before it was recorded
+    trainable_share: dict[str, float | None] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def names(self) -> list[str]:
@@ -146,6 +158,7 @@ class Selection:
             "n_layers": self.n_layers,
             "n_blocks": self.n_blocks,
             "trainable_params": self.trainable_params,
+            "trainable_share": self.trainable_share,
             "lowest_block": self.lowest_block,
             "backward_blocks": self.backward_blocks,
             "memory_estimate_gb": self.memory_estimate,
@@ -158,10 +171,20 @@ class Selection:
 
     def summary(self) -> str:
         lora = self.trainable_params.get("lora")
+        share = self.trainable_share or {}
+
+        def of(key: str, whole: str) -> str:
+            value = share.get(key)
+            return f" ({value:.1%} of {whole})" if value is not None else ""
+
         parts = [
             f"{self.description}",
-            f"trainable parameters: full {self.trainable_params['full']:,}"
-            + (f", LoRA r={self.rule.lora_r} {lora:,}" if lora is not None else ", LoRA unknown (no shapes)"),
+            f"trainable parameters: full {self.trainable_params['full']:,}{of('full', 'all linear-layer weights')}"
+            + (
+                f", LoRA r={self.rule.lora_r} {lora:,}{of('lora', 'an all-layer adapter')}"
+                if lora is not None
+                else ", LoRA unknown (no shapes)"
+            ),
         ]
         if self.lowest_block is not None:
             parts.append(
@@ -193,6 +216,7 @@ def load_selection(path: str | Path) -> Selection:
             lowest_block=data.get("lowest_block"),
             backward_blocks=int(data["backward_blocks"]),
             memory_estimate=data.get("memory_estimate_gb"),
+            trainable_share=data.get("trainable_share"),
             info=data.get("info", {}),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # ValueError: bad JSON or bad UTF-8
@@ -254,7 +278,7 @@ def _check_rule(rule: SelectionRule, n: int) -> None:
         assert value is not None
         if value != int(value) or value < 1:
             raise IlaError(f"top={value:g}: give a whole number of layers >= 1, or a fraction in (0, 1]")
-        if value > n:
+        if value > n and not rule.per_type:  # per type: checked against the smallest type in `_top_per_type`
             raise IlaError(f"top={int(value)} but the ranking has only {n} layers")
     elif rule.kind == "top_fraction":
         assert value is not None
@@ -264,7 +288,7 @@ def _check_rule(rule: SelectionRule, n: int) -> None:
         assert value is not None
         if not 0 <= value < 1:
             raise IlaError(f"freeze_bottom={value:g}: the frozen fraction must lie in [0, 1)")
-        if n - round(value * n) < 1:
+        if n - round(value * n) < 1 and not rule.per_type:  # per type rounds down: every type keeps a layer
             raise IlaError(f"freeze_bottom={value:g} freezes all {n} layers; freeze a smaller fraction")
     elif rule.kind in ("param_budget", "memory_budget"):
         assert value is not None
@@ -287,10 +311,88 @@ def _greedy(entries: Sequence[LayerScore], fits: Callable[[list[LayerScore]], bo
     return chosen
 
 
+def by_module_type(entries: Sequence[LayerScore]) -> dict[str, list[LayerScore]]:
+    """Entries grouped by module type (first-seen order), each group in the ranking's order."""
+    groups: dict[str, list[LayerScore]] = {}
+    for entry in entries:
+        groups.setdefault(entry.module_type, []).append(entry)
+    return groups
+
+
+# `fraction * n` may land just under a whole number (0.29 * 100 = 28.999999999999996); rounding down must not
+# lose a layer to that
+_ROUNDING_SLACK = 1e-9
+
+
+def per_type_count(fraction: float, n: int) -> int:
+    """Layers a per-type fraction takes from a type of `n`: rounded down, as Spectrum's int(n·P/100), at least 1.
+
+    Rounding down keeps Spectrum's selection (`ila rank --method spectrum`, then `--top P/100 --per-type`); the
+    floor of 1 keeps every type represented where Spectrum would drop a small type.
+    """
+    return max(1, math.floor(fraction * n + _ROUNDING_SLACK))
+
+
+def _top_per_type(groups: dict[str, list[LayerScore]], rule: SelectionRule) -> list[LayerScore]:
+    """top_count, top_fraction or freeze_bottom applied within each module type, in the ranking's order."""
+    value = rule.value
+    assert value is not None
+    if rule.kind == "top_count":
+        smallest = min(groups, key=lambda t: len(groups[t]))
+        if value > len(groups[smallest]):
+            raise IlaError(
+                f"top={int(value)} per module type, but type {smallest} has only {len(groups[smallest])} "
+                f"layers; allowed: 1 to {len(groups[smallest])}"
+            )
+        counts = {t: int(value) for t in groups}
+    elif rule.kind == "top_fraction":
+        counts = {t: per_type_count(value, len(members)) for t, members in groups.items()}
+    else:  # freeze_bottom: the frozen count is rounded down, so every type keeps at least one layer
+        counts = {t: max(1, len(m) - math.floor(value * len(m) + _ROUNDING_SLACK)) for t, m in groups.items()}
+    return [entry for t, members in groups.items() for entry in members[: counts[t]]]
+
+
+def _param_budget_per_type(
+    groups: dict[str, list[LayerScore]], cost: Callable[[LayerScore], int], budget: float
+) -> list[LayerScore]:
+    """A parameter budget split across module types in proportion to each type's total cost, each share filled
+    greedily by rank.
+
+    Proportional shares are the budget form of "the same fraction of every type": a budget of 25% of all layers'
+    parameters takes about 25% of each type. Shares are whole parameters rounded down, so together they never
+    exceed the budget; what one type leaves unspent is not passed on, which would unbalance the types.
+    """
+    whole = math.floor(budget)
+    sizes = {t: sum(cost(e) for e in members) for t, members in groups.items()}
+    total = sum(sizes.values())
+    # the smallest whole budget whose share of type t still fits t's smallest layer: ceil(smallest·total / size)
+    needs = {t: -(-min(cost(e) for e in members) * total // sizes[t]) for t, members in groups.items()}
+    tightest = max(needs, key=lambda t: needs[t])
+    if whole < needs[tightest]:
+        share = whole * sizes[tightest] // total
+        smallest = min(cost(e) for e in groups[tightest])
+        raise IlaError(
+            f"parameter budget {budget:,.0f} split by module type gives {tightest} {share:,} parameters, below its "
+            f"smallest layer ({smallest:,}); per type the budget must be at least {needs[tightest]:,} (or drop "
+            "--per-type)"
+        )
+
+    def within(limit: int) -> Callable[[list[LayerScore]], bool]:
+        return lambda trial: sum(cost(e) for e in trial) <= limit
+
+    return [entry for t, members in groups.items() for entry in _greedy(members, within(whole * sizes[t] // total))]
+
+
 def select(
     ranking: Ranking, rule: SelectionRule, shapes: ModelShapes | None = None, ranking_path: str | None = None
 ) -> Selection:
-    """Apply `rule` to `ranking`; `shapes` (from the model) give LoRA parameter counts, model order and memory."""
+    """Apply `rule` to `ranking`; `shapes` (from the model) give LoRA parameter counts, model order and memory.
+
+    With `rule.per_type` the rule is applied to each module type's layers in the ranking's order: a count takes
+    that many of every type, a fraction `per_type_count` of each type, freeze-bottom freezes each type's bottom
+    fraction rounded down, a parameter budget is split as `_param_budget_per_type` says. A memory budget is not
+    split (SelectionRule refuses it).
+    """
     entries = ranking.layers
     n = len(entries)
     if n == 0:
@@ -316,6 +418,8 @@ def select(
     value = rule.value
     if rule.kind == "all":
         chosen = list(entries)
+    elif rule.per_type and rule.kind in ("top_count", "top_fraction", "freeze_bottom"):
+        chosen = _top_per_type(by_module_type(entries), rule)
     elif rule.kind == "top_count":
         assert value is not None
         chosen = list(entries[: int(value)])
@@ -338,7 +442,10 @@ def select(
                 return lora_param_count(layer_of(entry), rule.lora_r)
 
         budget = value
-        chosen = _greedy(entries, lambda trial: sum(cost(e) for e in trial) <= budget)
+        if rule.per_type:
+            chosen = _param_budget_per_type(by_module_type(entries), cost, budget)
+        else:
+            chosen = _greedy(entries, lambda trial: sum(cost(e) for e in trial) <= budget)
         if not chosen:
             smallest = min(entries, key=cost)
             raise IlaError(
@@ -399,13 +506,18 @@ def _build(
     blocks = [layer.block for layer in selected if layer.block >= 0]
     lowest = min(blocks) if blocks else None
     lora_counts = [layer.lora_params for layer in selected]
-    trainable: dict[str, int | None] = {
-        "lora": None if None in lora_counts else sum(c for c in lora_counts if c is not None),
-        "full": sum(layer.n_params for layer in selected),
-    }
+    lora = None if None in lora_counts else sum(c for c in lora_counts if c is not None)
+    full = sum(layer.n_params for layer in selected)
+    trainable: dict[str, int | None] = {"lora": lora, "full": full}
     memory = None
     if shapes is not None and by_name is not None:
         memory = estimate_training_memory([by_name[layer.name] for layer in selected], shapes, rule)
+    all_full = sum(e.n_params for e in ranking.layers)
+    all_lora = sum(lora_param_count(by_name[e.name], rule.lora_r) for e in ranking.layers) if by_name else None
+    share: dict[str, float | None] = {
+        "full": full / all_full if all_full else None,
+        "lora": lora / all_lora if lora is not None and all_lora else None,
+    }
     kept = ("model_fingerprint", "data", "data_sha256", "seed", "milestone")
     info: dict[str, Any] = {k: ranking.info[k] for k in kept if k in ranking.info}
     return Selection(
@@ -418,6 +530,7 @@ def _build(
         n_layers=len(ranking.layers),
         n_blocks=ranking.n_blocks,
         trainable_params=trainable,
+        trainable_share=share,
         lowest_block=lowest,
         backward_blocks=ranking.n_blocks - lowest if lowest is not None else 0,
         memory_estimate=memory,
@@ -429,16 +542,22 @@ def describe(rule: SelectionRule, k: int, n: int, trainable: dict[str, int | Non
     """One line saying what was selected and by which rule."""
     share = f"{k} of {n} layers ({k / n:.0%})"
     value = rule.value
-    if rule.kind == "all":
+    if rule.kind == "all" or value is None:
         return f"all {n} layers"
+    each = " of each module type" if rule.per_type else ""
+    if rule.kind == "top_count" and rule.per_type:
+        return f"top {value:g}{each}: {share}"
+    if rule.kind == "top_fraction" and rule.per_type:
+        return f"top {100 * value:g}%{each} (rounded down, at least 1): {share}"
     if rule.kind in ("top_count", "top_fraction"):
         return f"top {share}"
     if rule.kind == "freeze_bottom":
-        return f"freeze the bottom {value:.0%}: top {share}"
+        return f"freeze the bottom {100 * value:g}%{each}: top {share}"
     count = trainable["full"] if rule.method == "full" else trainable["lora"]
     counted = f"{rule.method}" + (f" r={rule.lora_r}" if rule.method != "full" else "")
+    split = ", split by module type in proportion to size" if rule.per_type else ""
     if rule.kind == "param_budget":
-        return f"parameter budget {value:,.0f} ({counted}, greedy by rank): {share}, {count:,} parameters"
+        return f"parameter budget {value:,.0f} ({counted}{split}, greedy by rank): {share}, {count:,} parameters"
     return (
         f"memory budget {value:g} GB ({counted}, batch {rule.batch_size} x {rule.seq_len} tokens, greedy by "
         f"rank): {share}"
