@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ila.config import BUNDLED_DATA, DEFAULT_MODEL, DataConfig, LoraSettings, ModelConfig
@@ -207,7 +208,7 @@ def grad_norm_scores(
             b_factors = [f.b for f in lora_factors(peft_model, layers)]
             b_sizes = [b.numel() for b in b_factors]
             batches = batch_stream(examples, min(settings.batch_size, len(examples)), pad_id, settings.seed)
-            for index in range(settings.grad_batches):
+            for index in tqdm(range(settings.grad_batches), desc="grad-norm", unit="batch", leave=False):
                 batch = next(batches).to(device)
                 loss = sft_loss(peft_model, batch)
                 if not torch.isfinite(loss):
@@ -348,7 +349,7 @@ def rank_snr(model: nn.Module, layers: Sequence[Layer], divide_by_max: bool = Fa
     """Rank by ila's SNR of each pretrained weight matrix, one global order; reads no data, trains nothing."""
     scores = []
     with torch.no_grad():
-        for layer in layers:
+        for layer in tqdm(layers, desc="snr", unit="layer", leave=False):
             scores.append(spectrum_score(weight_matrix(model, layer), divide_by_max).snr)
     info = {
         "divide_by_max": divide_by_max,
@@ -405,7 +406,7 @@ def rank_spectrum(model: nn.Module, layers: Sequence[Layer]) -> Ranking:
     does not follow it.
     """
     with torch.no_grad():
-        snr = [spectrum_snr(weight_matrix(model, layer)).snr for layer in layers]
+        snr = [spectrum_snr(weight_matrix(model, layer)).snr for layer in tqdm(layers, desc="spectrum", leave=False)]
     taken = [0.0] * len(layers)
     for module_type in module_types(list(layers)):
         members = [i for i, layer in enumerate(layers) if layer.module_type == module_type]
