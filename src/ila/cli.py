@@ -146,6 +146,31 @@ eval.json values show "± standard error"; ≈ marks a run within two combined s
 """
 
 
+def _add_run_flags(parser: argparse.ArgumentParser, report_to: bool = False) -> None:
+    """Flags of every command that loads a model from a config: remote code (only from this command line) and,
+    for those that train, where the training curves go."""
+    if report_to:
+        parser.add_argument(
+            "--report-to",
+            choices=["none", "tensorboard", "wandb", "trackio"],
+            help="training curves to TensorBoard (event files in the run folder), wandb (offline unless configured) "
+            "or trackio (run.report_to; default none)",
+        )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own code (never taken from a config file or run folder)",
+    )
+
+
+def _run_extras(args: argparse.Namespace, extra: dict[str, dict[str, object]]) -> None:
+    """The config values `_add_run_flags`' flags set."""
+    if args.trust_remote_code:
+        extra.setdefault("model", {})["trust_remote_code"] = True
+    if getattr(args, "report_to", None):
+        extra.setdefault("run", {})["report_to"] = args.report_to
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit status 2 like every other user error."""
 
@@ -192,17 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ranking sorts the mean score and the floor covers both stages",
     )
     identify.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
-    identify.add_argument(
-        "--report-to",
-        choices=["none", "tensorboard", "wandb", "trackio"],
-        help="training curves to TensorBoard (event files in the run folder), wandb (offline unless configured) or "
-        "trackio (run.report_to; default none)",
-    )
-    identify.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model's own code (never taken from a config file or run folder)",
-    )
+    _add_run_flags(identify, report_to=True)
     identify.add_argument("--from-run", help="an earlier identify run folder (with --milestone)")
     identify.add_argument(
         "--milestone",
@@ -284,17 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--selection", help="selection.json from `ila select` (default: all layers)")
     finetune.add_argument("--method", choices=["lora", "adalora", "qlora", "full"], help="default lora")
     finetune.add_argument("--config", help="YAML file with sections model, data, lora, finetune, adalora, qlora, run")
-    finetune.add_argument(
-        "--report-to",
-        choices=["none", "tensorboard", "wandb", "trackio"],
-        help="training curves to TensorBoard (event files in the run folder), wandb (offline unless configured) or "
-        "trackio (run.report_to; default none)",
-    )
-    finetune.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model's own code (never taken from a config file or run folder)",
-    )
+    _add_run_flags(finetune, report_to=True)
     finetune.add_argument("--output", help="run folder (default runs/finetune-<timestamp>)")
     finetune.add_argument("--seed", type=int, help="random seed (run.seed)")
     finetune.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run folder")
@@ -435,11 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write eval_samples.jsonl: each example's SFT loss and lm-eval's record of each benchmark sample",
     )
-    evaluate.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model's own code (never taken from a config file or run folder)",
-    )
+    _add_run_flags(evaluate)
     evaluate.add_argument(
         "--judge-allow-http",
         action="store_true",
@@ -482,11 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     experiment.add_argument("config", help="experiment YAML (paths in it are relative to its folder)")
-    experiment.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model's own code (never taken from a config file or run folder)",
-    )
+    _add_run_flags(experiment)
     experiment.add_argument(
         "--output", help="experiment folder (default: the YAML's output, else runs/experiment-<config name>)"
     )
@@ -538,10 +535,7 @@ def _identify(args: argparse.Namespace) -> int:
         extra.setdefault("run", {})["output"] = args.output
     if args.seed is not None:
         extra.setdefault("run", {})["seed"] = args.seed
-    if args.trust_remote_code:
-        extra.setdefault("model", {})["trust_remote_code"] = True
-    if args.report_to:
-        extra.setdefault("run", {})["report_to"] = args.report_to
+    _run_extras(args, extra)
     if args.repeat_stage1 and args.repeats is None:
         raise IlaError("--repeat-stage1 needs --repeats N (how many Stage-1 seeds)")
     if args.repeats is not None:
@@ -675,10 +669,7 @@ def _finetune(args: argparse.Namespace) -> int:
     ):
         if getattr(args, flag) is not None:
             extra.setdefault(section, {})[key] = getattr(args, flag)
-    if args.trust_remote_code:
-        extra.setdefault("model", {})["trust_remote_code"] = True
-    if args.report_to:
-        extra.setdefault("run", {})["report_to"] = args.report_to
+    _run_extras(args, extra)
     cfg = load_config(FinetuneConfig, args.config, args.overrides, extra)
     if args.print_config:
         import yaml
@@ -817,8 +808,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         extra.setdefault("evaluate", {})["benchmarks"] = [b.strip() for b in args.benchmark.split(",") if b.strip()]
     if args.chat_template:
         extra.setdefault("evaluate", {})["chat_template"] = True
-    if args.trust_remote_code:
-        extra.setdefault("model", {})["trust_remote_code"] = True
+    _run_extras(args, extra)
     if args.judge_allow_http:
         extra.setdefault("evaluate", {})["judge_allow_http"] = True
     cfg = evaluate_config(args.config, args.overrides, extra, args.from_run)
