@@ -48,6 +48,20 @@ class Env:
     def model_copy(self) -> Path:
         return Path(shutil.copytree(self.model, self.tmp / "model"))
 
+    def evaluate(self, adapter: Path) -> list[str]:
+        out = str(self.tmp / "eval")
+        return [
+            "evaluate",
+            "--model",
+            str(self.model),
+            "--data",
+            str(self.data),
+            "--adapter",
+            str(adapter),
+            "--output",
+            out,
+        ]
+
     def identify(self, *extra: str, data: Path | None = None, model: Path | None = None) -> list[str]:
         out = str(self.tmp / "out")
         return [
@@ -130,8 +144,7 @@ def _bad_checkpoint(content: bytes | None, stage: str = "stage1") -> Callable[[P
         path = run / stage / "checkpoint.pt"
         if content is None:  # a real checkpoint, but of another model: one tensor too few
             state = torch.load(path, weights_only=True)
-            state["params"] = state["params"][:-1] if "params" in state else state["params"]
-            state["scores"] = state["scores"][:-1] if "scores" in state else None
+            state["params"] = state["params"][:-1]
             torch.save(state, path)
         else:
             path.write_bytes(content)
@@ -160,18 +173,7 @@ def _evaluate_adapter(damage: Callable[[Path], None]) -> Callable[[Env], list[st
     def build(env: Env) -> list[str]:
         adapter = Path(shutil.copytree(env.run / "stage1" / "adapter", env.tmp / "adapter"))
         damage(adapter)
-        out = str(env.tmp / "eval")
-        return [
-            "evaluate",
-            "--model",
-            str(env.model),
-            "--data",
-            str(env.data),
-            "--adapter",
-            str(adapter),
-            "--output",
-            out,
-        ]
+        return env.evaluate(adapter)
 
     return build
 
@@ -196,8 +198,7 @@ def _output_not_ila(env: Env) -> list[str]:
 def _changed_weights(env: Env) -> list[str]:
     weights = env.tmp / "selected_weights.safetensors"
     save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)}, str(weights))
-    out = str(env.tmp / "eval")
-    return ["evaluate", "--model", str(env.model), "--data", str(env.data), "--adapter", str(weights), "--output", out]
+    return env.evaluate(weights)
 
 
 def _experiment(text: str) -> Callable[[Env], list[str]]:
@@ -355,17 +356,7 @@ CASES = [
     # adapters given to evaluate
     Case(
         "adapter folder missing",
-        lambda env: [
-            "evaluate",
-            "--model",
-            str(env.model),
-            "--data",
-            str(env.data),
-            "--adapter",
-            str(env.tmp / "none"),
-            "--output",
-            str(env.tmp / "eval"),
-        ],
+        lambda env: env.evaluate(env.tmp / "none"),
         ("none",),
     ),
     Case("adapter weights truncated", _evaluate_adapter(_truncate("adapter_model.safetensors")), ("adapter",)),
