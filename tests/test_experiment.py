@@ -191,7 +191,29 @@ def test_paper_small_config_loads() -> None:
     cfg = load_experiment(Path(__file__).parents[1] / "experiments" / "paper_small.yaml")
     assert cfg.model == "smollm2-135m-instruct" and len(cfg.seeds) == 2
     assert [name for name, _ in cfg.datasets] == ["lima", "alpaca_gpt4", "gsm8k"]
-    assert cfg.finetune is not None and cfg.finetune.method == "lora"
+    assert cfg.finetune is not None and cfg.finetune.method == ("lora",)
+
+
+def test_worth_it_config_loads_with_the_grid_the_issue_asks_for() -> None:
+    from ila.experiment import finetune_units, random_seeds, train_seeds
+
+    cfg = load_experiment(Path(__file__).parents[1] / "experiments" / "worth_it.yaml")
+    assert cfg.finetune is not None and cfg.finetune.method == ("lora", "full")
+    units = finetune_units(cfg)
+    labels = {u.label for u in units}
+    assert labels == {
+        "-",
+        "ila",
+        "ila@25",
+        "delta-norm",
+        "grad-norm",
+        "spectrum per type",
+        "random",
+        "last",
+        "ila from lima",
+    }
+    assert {u.fraction for u in units if u.rule == "top"} == {0.1, 0.3, 0.5} and train_seeds(cfg) == (0, 1, 2)
+    assert random_seeds(cfg) == [0, 1, 2]  # three permutations
 
 
 def test_ablation_table_puts_freeze_bottom_on_the_fraction_axis_and_all_layers_at_one() -> None:
@@ -229,7 +251,12 @@ def test_train_seeds_added_later_reuse_the_first_runs_and_pair_the_baselines(
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     result = run_experiment(load_experiment(path), root)
     assert counted["finetune"] == 4  # only the seed-1 runs are new
-    assert sorted(Path(p).name for p in result.computed) == ["ila-top30-train-seed1", "random-top30-train-seed1"]
+    # seed 1 also draws its own random permutation (finetune.random_per_seed)
+    assert sorted(Path(p).name for p in result.computed) == [
+        "ila-top30-train-seed1",
+        "random-seed1",
+        "random-top30-train-seed1",
+    ]
     runs = json.loads((root / "finetune.json").read_text(encoding="utf-8"))
     loss = {(r["method"], r["train_seed"]): r["loss"] for r in runs}
     assert loss[("ila", 0)] != loss[("ila", 1)]  # the train seed reaches the run
@@ -237,7 +264,8 @@ def test_train_seeds_added_later_reuse_the_first_runs_and_pair_the_baselines(
     report = (root / "report.md").read_text(encoding="utf-8")
     assert "### ila against the baselines" in report and "mean over train seeds 0, 1" in report
     wins = sum(d < 0 for d in diffs)
-    row = f"| top 0.30 | random | {sum(diffs) / 2:+.4f} | {diffs[0]:+.4f}, {diffs[1]:+.4f} | {wins}/2 |"
+    spread = abs(diffs[0] - diffs[1]) / 2**0.5  # the standard deviation of two values
+    row = f"| top 0.30 | random | {sum(diffs) / 2:+.4f} | {spread:.4f} | {diffs[0]:+.4f}, {diffs[1]:+.4f} | {wins}/2 |"
     assert row in report
 
 
@@ -247,8 +275,8 @@ def test_paired_differences_pair_by_seed_and_count_wins() -> None:
 
     rows = [row("ila", 0, 1.0), row("ila", 1, 2.0), row("last", 0, 1.5), row("last", 1, 1.75), row("random", 0, 0.5)]
     lines = paired_differences(rows)
-    assert "| top 0.30 | last | -0.1250 | -0.5000, +0.2500 | 1/2 |" in lines
-    assert "| top 0.30 | random | +0.5000 | +0.5000 | 0/1 |" in lines  # only the seed both have
+    assert "| top 0.30 | last | -0.1250 | 0.5303 | -0.5000, +0.2500 | 1/2 |" in lines
+    assert "| top 0.30 | random | +0.5000 | - | +0.5000 | 0/1 |" in lines  # only the seed both have
 
 
 def test_rankings_from_another_data_set_select_for_the_transfer_test(
@@ -280,3 +308,76 @@ def test_rankings_from_another_data_set_select_for_the_transfer_test(
     assert manifest["data"]["source"] == str(tiny_data.resolve())
     report = (root / "report.md").read_text(encoding="utf-8")
     assert "| ila-top30-from-b | top | ila from b | 0.30 |" in report and "| top 0.30 | ila from b |" in report
+
+
+def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_rankings(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, counted: dict[str, int]
+) -> None:
+    import json
+
+    from ila.experiment import finetune_units, ranking_cost, walk_order
+    from ila.selection import by_module_type, per_type_count
+
+    raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
+    raw.update(datasets={"a": str(tiny_data)}, seeds=[0], methods=["ila", "random", "spectrum"], milestones=[50, 100])
+    raw["finetune"].update(
+        method=["lora", "full"],
+        rules=["top", "params", "all"],
+        fractions=[0.5],
+        param_fractions=[0.3],
+        methods=["ila", "ila@50", "random", "spectrum"],
+        train_seeds=[0, 1],
+    )
+    path = tmp_path / "worth.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    cfg = load_experiment(path)
+    root = tmp_path / "exp"
+    result = run_experiment(cfg, root)
+    assert not result.missing
+    assert len(result.computed) == planned_units(cfg)
+    # 2 trainings x (all + 4 rankings x 2 rules) x 2 train seeds
+    assert counted["finetune"] == 2 * 9 * 2
+    # an interrupted grid has whole comparisons: all layers, then the fraction, then the parameter budget
+    order = [u.rule for u in walk_order(cfg, finetune_units(cfg))]
+    assert order == ["all", "all"] + ["top"] * 8 + ["params"] * 8
+
+    finetune = root / "finetune"
+    full = json.loads((finetune / "full-ila-top50" / "manifest.json").read_text(encoding="utf-8"))
+    assert full["method"] == "full" and full["config"]["finetune"]["method"] == "full"
+
+    def chosen(name: str) -> dict[str, object]:
+        return json.loads((finetune / name / "selection.json").read_text(encoding="utf-8"))
+
+    # random: a new permutation per train seed; ila: one ranking for both
+    assert chosen("lora-random-top50")["layers"] != chosen("lora-random-top50-train-seed1")["layers"]
+    assert chosen("lora-ila-top50")["layers"] == chosen("lora-ila-top50-train-seed1")["layers"]
+    # the milestone ranking selects from its own ranking
+    milestone = load_ranking(root / "identify" / "a-seed0" / "milestone-50" / "ranking.json")
+    picked = chosen("lora-ila-m50-top50")
+    assert (
+        {layer["name"] for layer in picked["layers"]}
+        == {  # type: ignore[index]
+            e.name
+            for e in milestone.layers[: picked["n_selected"]]  # type: ignore[misc]
+        }
+    )
+    # spectrum selects within each module type: half of every type
+    spectrum = load_ranking(root / "rank" / "spectrum" / "ranking.json")
+    names = {layer["name"] for layer in chosen("lora-spectrum-top50")["layers"]}  # type: ignore[index]
+    for entries in by_module_type(spectrum.layers).values():
+        assert sum(e.name in names for e in entries) == per_type_count(0.5, len(entries))
+    # a parameter budget counts the training method's parameters and is never exceeded
+    for training, key in (("lora", "lora"), ("full", "full")):
+        everything = chosen(f"{training}-all")["trainable_params"][key]  # type: ignore[index]
+        for method in ("ila", "random", "spectrum"):
+            budgeted = chosen(f"{training}-{method}-params30")["trainable_params"][key]  # type: ignore[index]
+            assert 0 < budgeted <= 0.3 * everything
+
+    report = (root / "report.md").read_text(encoding="utf-8")
+    assert "### Ablation: selected fraction (lora)" in report and (root / "ablation-full.png").is_file()
+    assert "| lora top 0.50 | random |" in report and "| full params 0.30 | spectrum per type |" in report
+    assert "### Cost" in report and "| ila@50 |" in report and "2 data sets x" in report
+    whole, early = ranking_cost(cfg, root, "ila", 100, "a"), ranking_cost(cfg, root, "ila", 50, "a")
+    assert whole is not None and early is not None and 0 < early < whole
+    identify = json.loads((root / "identify" / "a-seed0" / "manifest.json").read_text(encoding="utf-8"))
+    assert whole == identify["timings"]["total"]

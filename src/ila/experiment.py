@@ -37,10 +37,13 @@ from ila.run_folder import atomic_write_text, write_json, write_yaml
 log = logging.getLogger(__name__)
 
 ILA = "ila"
-FINETUNE_RULES = ("freeze-bottom", "top", "all")
+FINETUNE_RULES = ("freeze-bottom", "top", "params", "all")
 SEED_FREE = ("first", "last", "snr", "spectrum")  # baselines that read neither the seed nor the data
 DATA_FREE = ("random", "first", "last", "snr", "spectrum")
 MILESTONE_METHODS = (ILA, "delta-norm")  # the only methods that read the Stage-1 update
+
+
+TrainingMethod = Literal["lora", "adalora", "qlora", "full"]
 
 
 @dataclass(frozen=True)
@@ -48,16 +51,27 @@ class ExperimentFinetune:
     """`finetune:` train the layers each rule selects, from the base model, with the same steps for all."""
 
     steps: int = 100
-    method: Literal["lora", "adalora", "qlora", "full"] = "lora"
+    # Training methods. With more than one, every unit runs under each and its folder name starts with the method.
+    method: tuple[TrainingMethod, ...] = ("lora",)
     fractions: tuple[float, ...] = (0.1, 0.3, 1.0)  # rule top: the top fraction of each ranking (the ablation)
     freeze_bottom: float = 0.25  # rule freeze-bottom: the least important fraction left frozen
-    rules: tuple[str, ...] = FINETUNE_RULES
-    methods: tuple[str, ...] = ()  # ranking methods whose rankings select layers; default: every method
+    # rule params: the best layers of each ranking up to this share of the all-layers trainable parameters
+    # (counted for the training method), so rankings are compared at equal parameters as well as equal layers
+    param_fractions: tuple[float, ...] = (0.3,)
+    rules: tuple[str, ...] = ("freeze-bottom", "top", "all")
+    # Ranking methods whose rankings select layers; default: every method. `ila@25` (or `delta-norm@25`) is that
+    # method's ranking from the 25% Stage-1 milestone, which must be one of the experiment's milestones.
+    methods: tuple[str, ...] = ()
+    per_type: tuple[str, ...] = ("spectrum",)  # methods selected within each module type (Spectrum's own rule)
+    # random: a new permutation for every train seed (seeded by it), so the random baseline's spread includes
+    # the draw; false: the ranking seed's one permutation for all train seeds
+    random_per_seed: bool = True
     data: str | None = None  # the data set (name) trained on and ranked on; default: the first
     seed: int | None = None  # the seed whose rankings select; default: the first
     # Data sets whose rankings select (the transfer test: a ranking from one data set, fine-tuned on another).
     # Default: the fine-tuning data set alone. Data-free methods rank alike everywhere and run once.
     ranked_on: tuple[str, ...] = ()
+    transfer_methods: tuple[str, ...] = ()  # methods fine-tuned from the other ranked_on data sets; default: all
     # Training seeds (data split and order, adapter init): each unit runs once per seed with the same selection,
     # so method differences can be read against the seed-to-seed spread. Default: the ranking seed alone.
     train_seeds: tuple[int, ...] = ()
@@ -66,8 +80,11 @@ class ExperimentFinetune:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise IlaError(f"finetune.steps={self.steps} must be >= 1")
-        if any(not 0 < f <= 1 for f in self.fractions):
-            raise IlaError(f"finetune.fractions={list(self.fractions)} must be fractions in (0, 1]")
+        if not self.method or len(set(self.method)) != len(self.method):
+            raise IlaError(f"finetune.method={list(self.method)} must name each training method once")
+        for key, values in (("fractions", self.fractions), ("param_fractions", self.param_fractions)):
+            if any(not 0 < f <= 1 for f in values):
+                raise IlaError(f"finetune.{key}={list(values)} must be fractions in (0, 1]")
         if not 0 <= self.freeze_bottom < 1:
             raise IlaError(f"finetune.freeze_bottom={self.freeze_bottom} must lie in [0, 1)")
         if len(set(self.train_seeds)) != len(self.train_seeds):
@@ -75,6 +92,16 @@ class ExperimentFinetune:
         for rule in self.rules:
             if rule not in FINETUNE_RULES:
                 raise IlaError(f"finetune.rules: unknown rule '{rule}'; allowed: {', '.join(FINETUNE_RULES)}")
+
+
+def split_milestone(method: str) -> tuple[str, int]:
+    """`ila@25` -> ("ila", 25); `ila` -> ("ila", 100)."""
+    name, _, at = method.partition("@")
+    if not at:
+        return name, 100
+    if not at.isdigit() or not 0 < int(at) < 100:
+        raise IlaError(f"finetune.methods: '{method}': the milestone after '@' must be a percentage in (0, 100)")
+    return name, int(at)
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -126,8 +153,22 @@ class ExperimentConfig:
             if self.finetune.seed is not None and self.finetune.seed not in self.seeds:
                 raise IlaError(f"finetune.seed={self.finetune.seed} is not one of seeds {list(self.seeds)}")
             for method in self.finetune.methods:
-                if method not in self.methods:
-                    raise IlaError(f"finetune.methods: '{method}' is not one of methods {list(self.methods)}")
+                name, milestone = split_milestone(method)
+                if name not in self.methods:
+                    raise IlaError(f"finetune.methods: '{name}' is not one of methods {list(self.methods)}")
+                if milestone != 100 and (name not in MILESTONE_METHODS or milestone not in self.milestones):
+                    raise IlaError(
+                        f"finetune.methods: '{method}' needs a method that reads the Stage-1 update "
+                        f"({', '.join(MILESTONE_METHODS)}) and a milestone among {list(self.milestones)}"
+                    )
+            for method in self.finetune.transfer_methods:
+                if method not in (self.finetune.methods or self.methods):
+                    raise IlaError(f"finetune.transfer_methods: '{method}' is not one of the fine-tuned methods")
+            for method in self.finetune.per_type:
+                if method != ILA and method not in METHODS:
+                    raise IlaError(
+                        f"finetune.per_type: unknown method '{method}'; allowed: {ILA}, {', '.join(METHODS)}"
+                    )
 
     @property
     def data_paths(self) -> dict[str, str]:
@@ -205,7 +246,8 @@ def load_experiment(path: str | Path, trust_remote_code: bool = False) -> Experi
         drop_remote_code(parse_overrides(list(section)), str(path))  # warns once if the YAML asks for remote code
     identify_config(config, pairs[0][1], config.seeds[0], "unused")  # overrides: unknown keys fail now
     if ft is not None:
-        finetune_config(config, "unused", None)
+        for training in ft.method:
+            finetune_config(config, "unused", None, training=training)
     return config
 
 
@@ -251,11 +293,16 @@ def identify_config(cfg: ExperimentConfig, data_path: str, seed: int, output: st
 
 
 def finetune_config(
-    cfg: ExperimentConfig, output: str, selection: str | None, train_seed: int | None = None
+    cfg: ExperimentConfig,
+    output: str,
+    selection: str | None,
+    train_seed: int | None = None,
+    training: TrainingMethod | None = None,
 ) -> FinetuneConfig:
     """The FinetuneConfig of one finetune unit; data and LoRA settings follow the identify overrides."""
     assert cfg.finetune is not None
     ft = cfg.finetune
+    training = training or ft.method[0]
     shared = parse_overrides([f"identify.{item}" for item in cfg.identify]).get("identify", {})
     values: dict[str, Any] = {key: shared[key] for key in ("data", "lora") if key in shared}
     values = merge(values, parse_overrides([f"finetune.{item}" for item in ft.overrides]).get("finetune", {}))
@@ -269,7 +316,7 @@ def finetune_config(
         {
             "model": {"name": cfg.model},
             "data": {"path": cfg.data_paths[_finetune_data(cfg)]},
-            "finetune": {"method": ft.method, "max_steps": ft.steps, "selection": selection},
+            "finetune": {"method": training, "max_steps": ft.steps, "selection": selection},
             "run": run,
         },
     )
@@ -382,6 +429,7 @@ def run_experiment(cfg: ExperimentConfig, output: str | Path | None = None) -> E
         for seed in cfg.seeds:
             _baseline_units(cfg, root, data, data_path, seed, unit, result)
     if cfg.finetune is not None:
+        _random_units(cfg, root, unit)
         _finetune_units(cfg, root, unit)
     bar.close()
     result.report = root / "report.md"
@@ -400,7 +448,9 @@ def planned_units(cfg: ExperimentConfig) -> int:
     for method in cfg.methods:
         if method != ILA:
             per_run += len(set(cfg.milestones) | {100}) if method == "delta-norm" else 1
-    finetune = len(finetune_units(cfg)) * len(train_seeds(cfg)) if cfg.finetune is not None else 0
+    finetune = 0
+    if cfg.finetune is not None:
+        finetune = len(finetune_units(cfg)) * len(train_seeds(cfg)) + len(random_seeds(cfg)) - len(cfg.seeds)
     return per_run * len(cfg.datasets) * len(cfg.seeds) + finetune
 
 
@@ -482,6 +532,7 @@ def _baseline_units(
                     settings=settings,
                     max_length=icfg.data.max_length,
                     include_lm_head=icfg.model.include_lm_head,
+                    trust_remote_code=cfg.trust_remote_code,
                     threads=cfg.threads,
                     overwrite=True,
                     command="ila experiment",
@@ -490,70 +541,182 @@ def _baseline_units(
             unit(folder, work)
 
 
+def _random_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Callable[[], Any]], None]) -> None:
+    """The random rankings of train seeds that are not ranking seeds (finetune.random_per_seed)."""
+    from ila.baselines import BaselineSettings, run_rank
+
+    icfg = identify_config(cfg, cfg.datasets[0][1], cfg.seeds[0], "unused")
+    for seed in random_seeds(cfg)[len(cfg.seeds) :]:
+        folder = ranking_dir(root, "random", cfg.datasets[0][0], seed)
+
+        def work(seed: int = seed, folder: Path = folder) -> None:
+            run_rank(
+                "random",
+                cfg.model,
+                output=str(folder),
+                settings=BaselineSettings(seed=seed, lora=icfg.lora),
+                include_lm_head=icfg.model.include_lm_head,
+                trust_remote_code=cfg.trust_remote_code,
+                threads=cfg.threads,
+                overwrite=True,
+                command="ila experiment",
+            )
+
+        unit(folder, work)
+
+
 @dataclass(frozen=True)
 class FinetuneUnit:
     name: str  # folder name under finetune/
     method: str | None  # the ranking method that selects; None: every layer
     rule: str
-    fraction: float  # of the layers trained
+    fraction: float  # of the layers trained (rule params: of the all-layers trainable parameters)
     ranked_on: str  # the data set whose ranking selects
     label: str  # the ranking as tables name it: the method, and its data set when that is not the trained one
+    training: TrainingMethod = "lora"
+    milestone: int = 100  # the Stage-1 milestone whose ranking selects (ila@25)
+    per_type: bool = False  # the rule is applied within each module type
 
 
 def finetune_units(cfg: ExperimentConfig) -> list[FinetuneUnit]:
-    """Every finetune unit, in report order: all layers, then per ranking (own data set first) its rules."""
+    """Every finetune unit, in report order: per training method, all layers, then per ranking (own data set
+    first) its rules."""
     assert cfg.finetune is not None
     ft = cfg.finetune
     data = _finetune_data(cfg)
     methods = ft.methods or cfg.methods
     out: list[FinetuneUnit] = []
-    if "all" in ft.rules:
-        out.append(FinetuneUnit("all", None, "all", 1.0, data, "-"))
-    for ranked_on in sorted(ft.ranked_on or (data,), key=lambda name: name != data):  # stable: own data first
-        for method in methods:
-            if ranked_on != data and method in DATA_FREE:
-                continue  # the same ranking as on the fine-tuning data
-            suffix = "" if ranked_on == data else f"-from-{ranked_on}"
-            label = method if ranked_on == data else f"{method} from {ranked_on}"
-            if "freeze-bottom" in ft.rules:
-                name = f"{method}-freeze-bottom{round(ft.freeze_bottom * 100)}{suffix}"
-                out.append(FinetuneUnit(name, method, "freeze-bottom", 1.0 - ft.freeze_bottom, ranked_on, label))
-            if "top" in ft.rules:
+    for training in ft.method:
+        prefix = f"{training}-" if len(ft.method) > 1 else ""
+        if "all" in ft.rules:
+            out.append(FinetuneUnit(f"{prefix}all", None, "all", 1.0, data, "-", training))
+        for ranked_on in sorted(ft.ranked_on or (data,), key=lambda name: name != data):  # stable: own data first
+            for spelled in methods:
+                method, milestone = split_milestone(spelled)
+                if ranked_on != data and method in DATA_FREE:
+                    continue  # the same ranking as on the fine-tuning data
+                if ranked_on != data and ft.transfer_methods and spelled not in ft.transfer_methods:
+                    continue
+                per_type = method in ft.per_type
+                slug = method if milestone == 100 else f"{method}-m{milestone}"
+                suffix = ("-per-type" if per_type and method not in _PER_TYPE_BY_NATURE else "") + (
+                    "" if ranked_on == data else f"-from-{ranked_on}"
+                )
+                label = spelled + (" per type" if per_type else "")
+                label = label if ranked_on == data else f"{label} from {ranked_on}"
+                wanted: list[tuple[str, str, float]] = []  # (rule, its name in the folder, fraction)
+                if "freeze-bottom" in ft.rules:
+                    wanted.append(
+                        ("freeze-bottom", f"freeze-bottom{round(ft.freeze_bottom * 100)}", 1 - ft.freeze_bottom)
+                    )
+                if "top" in ft.rules:
+                    wanted += [("top", f"top{round(f * 100)}", f) for f in ft.fractions if f < 1.0]
+                if "params" in ft.rules:
+                    wanted += [("params", f"params{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
                 out += [
-                    FinetuneUnit(f"{method}-top{round(f * 100)}{suffix}", method, "top", f, ranked_on, label)
-                    for f in ft.fractions
-                    if f < 1.0
+                    FinetuneUnit(
+                        f"{prefix}{slug}-{part}{suffix}",
+                        method,
+                        rule,
+                        f,
+                        ranked_on,
+                        label,
+                        training,
+                        milestone,
+                        per_type,
+                    )
+                    for rule, part, f in wanted
                 ]
     return out
 
 
-def _finetune_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Callable[[], Any]], None]) -> None:
-    from ila.finetune import run_finetune
+# Spectrum selects within each module type by definition: its folder names need no "-per-type"
+_PER_TYPE_BY_NATURE = ("spectrum",)
+
+
+def walk_order(cfg: ExperimentConfig, units: Sequence[FinetuneUnit]) -> list[FinetuneUnit]:
+    """The order units are computed in, so that an interrupted grid has whole comparisons: all layers first, then
+    each fraction in the YAML's order (every training method and ranking at it), then freeze-bottom, then the
+    parameter budgets. The report keeps finetune_units' order."""
+    assert cfg.finetune is not None
+    ft = cfg.finetune
+
+    def priority(each: FinetuneUnit) -> tuple[int, int]:
+        if each.rule == "all":
+            group = 0
+        elif each.rule == "top":
+            group = 1 + ft.fractions.index(each.fraction)
+        elif each.rule == "freeze-bottom":
+            group = 1 + len(ft.fractions)
+        else:
+            group = 2 + len(ft.fractions) + ft.param_fractions.index(each.fraction)
+        return group, ft.method.index(each.training)
+
+    return sorted(units, key=priority)
+
+
+def random_seeds(cfg: ExperimentConfig) -> list[int]:
+    """The seeds random rankings are drawn with: the ranking seeds, and every train seed when each train seed
+    draws its own permutation."""
+    seeds = list(cfg.seeds)
+    if cfg.finetune is not None and cfg.finetune.random_per_seed and "random" in _finetune_methods(cfg):
+        seeds += [s for s in train_seeds(cfg) if s not in seeds]
+    return seeds
+
+
+def _finetune_methods(cfg: ExperimentConfig) -> list[str]:
+    assert cfg.finetune is not None
+    return [split_milestone(m)[0] for m in cfg.finetune.methods or cfg.methods]
+
+
+def unit_ranking(cfg: ExperimentConfig, root: Path, each: FinetuneUnit, train_seed: int) -> Path:
+    """The ranking.json that selects a unit's layers under `train_seed`."""
+    assert cfg.finetune is not None and each.method is not None
+    seed = _finetune_seed(cfg)
+    if each.method == "random" and cfg.finetune.random_per_seed:
+        seed = train_seed
+    return ranking_dir(root, each.method, each.ranked_on, seed, each.milestone) / "ranking.json"
+
+
+def unit_rule(cfg: ExperimentConfig, each: FinetuneUnit, ranking: Path) -> Any:
+    """The SelectionRule of a unit; a parameter budget is the fraction of the all-layers count for its method."""
     from ila.selection import SelectionRule, select_from_file
 
     assert cfg.finetune is not None
-    ft, seed = cfg.finetune, _finetune_seed(cfg)
+    counted: Literal["lora", "qlora", "full"] = "full" if each.training == "full" else "lora"
+    r = finetune_config(cfg, "unused", None, training=each.training).lora.r
+    if each.rule == "top":
+        return SelectionRule("top_fraction", each.fraction, per_type=each.per_type)
+    if each.rule == "freeze-bottom":
+        return SelectionRule("freeze_bottom", cfg.finetune.freeze_bottom, per_type=each.per_type)
+    everything = select_from_file(ranking, SelectionRule("all", method=counted, lora_r=r), cfg.model)
+    total = everything.trainable_params[counted if counted == "full" else "lora"]
+    if total is None:
+        raise IlaError(f"a parameter budget needs the model's layer shapes ({cfg.model})")
+    return SelectionRule("param_budget", each.fraction * total, method=counted, lora_r=r, per_type=each.per_type)
+
+
+def _finetune_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Callable[[], Any]], None]) -> None:
+    from ila.finetune import run_finetune
+    from ila.selection import select_from_file
+
+    assert cfg.finetune is not None
     selections = root / "finetune" / "selections"
-    for each, train_seed in product(finetune_units(cfg), train_seeds(cfg)):
+    for each, train_seed in product(walk_order(cfg, finetune_units(cfg)), train_seeds(cfg)):
         folder = finetune_folder(cfg, root, each.name, train_seed)
 
         def work(each: FinetuneUnit = each, folder: Path = folder, train_seed: int = train_seed) -> None:
             selection_path = None
             if each.method is not None:
-                ranking = ranking_dir(root, each.method, each.ranked_on, seed) / "ranking.json"
-                if each.rule == "top":
-                    chosen = SelectionRule("top_fraction", each.fraction)
-                else:
-                    chosen = SelectionRule("freeze_bottom", ft.freeze_bottom)
-                selection = select_from_file(ranking, chosen, cfg.model)
+                ranking = unit_ranking(cfg, root, each, train_seed)
+                selection = select_from_file(ranking, unit_rule(cfg, each, ranking), cfg.model)
                 selections.mkdir(parents=True, exist_ok=True)
-                selection_path = selections / f"{each.name}.json"
+                selection_path = selections / f"{folder.name}.json"
                 selection.save(selection_path)
-            run_finetune(
-                finetune_config(cfg, str(folder), str(selection_path) if selection_path else None, train_seed),
-                overwrite=True,
-                command="ila experiment",
+            config = finetune_config(
+                cfg, str(folder), str(selection_path) if selection_path else None, train_seed, each.training
             )
+            run_finetune(config, overwrite=True, command="ila experiment")
 
         unit(folder, work)
 
@@ -774,20 +937,25 @@ def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         selection = json.loads((folder / "selection.json").read_text(encoding="utf-8"))
         heldout = manifest.get("heldout_loss") or [{}]
+        share = (selection.get("trainable_share") or {}).get("full" if each.training == "full" else "lora")
         rows.append(
             {
                 "unit": each.name,
                 "train_seed": train_seed,
+                "training": each.training,
                 "method": each.label,
                 "rule": each.rule,
                 "fraction": each.fraction,
                 "layers": f"{selection.get('n_selected')}/{selection.get('n_layers')}",
                 "lowest_block": selection.get("lowest_block"),
                 "params": manifest.get("trainable_params", {}).get("count"),
+                "share": 1.0 if each.rule == "all" else share,
                 "base_loss": heldout[0].get("loss"),
                 "loss": heldout[-1].get("loss"),
                 "median_step_s": manifest.get("training", {}).get("median_step_s"),
                 "peak_gb": max(manifest.get("memory", {}).values() or [float("nan")]),
+                "train_examples": manifest.get("data", {}).get("train_examples"),
+                "batch_size": manifest.get("config", {}).get("finetune", {}).get("batch_size"),
             }
         )
     return rows
@@ -805,6 +973,7 @@ def mean_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         losses = [r["loss"] for r in runs if r["loss"] is not None]
         bases = [r["base_loss"] for r in runs if r["base_loss"] is not None]
         steps = [r["median_step_s"] for r in runs if r["median_step_s"] is not None]
+        shares = [r["share"] for r in runs if r.get("share") is not None]
         out.append(
             {
                 **runs[0],
@@ -814,38 +983,51 @@ def mean_over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "base_loss": mean(bases) if bases else None,
                 "median_step_s": median(steps) if steps else None,
                 "peak_gb": max(r["peak_gb"] for r in runs),
+                "share": mean(shares) if shares else None,  # random draws differ by seed
             }
         )
     return out
 
 
 def paired_differences(rows: list[dict[str, Any]], method: str = ILA) -> list[str]:
-    """Markdown: `method` minus each other ranking at the same rule and fraction, paired by train seed."""
-    loss = {(r["method"], r["rule"], r["fraction"], r["train_seed"]): r["loss"] for r in rows if r["loss"] is not None}
+    """Markdown: `method` minus each other ranking at the same training method, rule and fraction, paired by
+    train seed."""
+    from statistics import stdev
+
+    def setting(row: dict[str, Any]) -> tuple[str, str, float]:
+        return row.get("training", "lora"), row["rule"], row["fraction"]
+
+    loss = {(r["method"], *setting(r), r["train_seed"]): r["loss"] for r in rows if r["loss"] is not None}
+    several = len({r.get("training", "lora") for r in rows}) > 1
     lines = []
-    for rule, fraction in sorted({(r["rule"], r["fraction"]) for r in rows if r["method"] == method}):
+    for training, rule, fraction in sorted({setting(r) for r in rows if r["method"] == method}):
         for other in sorted({r["method"] for r in rows if r["method"] not in (method, "-")}):
-            mine = {s for (m, ru, f, s) in loss if (m, ru, f) == (method, rule, fraction)}
-            seeds = sorted(s for s in mine if (other, rule, fraction, s) in loss)
+            mine = {s for (m, t, ru, f, s) in loss if (m, t, ru, f) == (method, training, rule, fraction)}
+            seeds = sorted(s for s in mine if (other, training, rule, fraction, s) in loss)
             if not seeds:
                 continue
-            diffs = [loss[(method, rule, fraction, s)] - loss[(other, rule, fraction, s)] for s in seeds]
+            diffs = [
+                loss[(method, training, rule, fraction, s)] - loss[(other, training, rule, fraction, s)] for s in seeds
+            ]
             wins = sum(d < 0 for d in diffs)
             values = ", ".join(f"{d:+.4f}" for d in diffs)
+            spread = f"{stdev(diffs):.4f}" if len(diffs) > 1 else "-"
+            where = f"{training} {rule} {fraction:.2f}" if several else f"{rule} {fraction:.2f}"
             lines.append(
-                f"| {rule} {fraction:.2f} | {other} | {sum(diffs) / len(diffs):+.4f} | {values} | {wins}/{len(diffs)} |"
+                f"| {where} | {other} | {sum(diffs) / len(diffs):+.4f} | {spread} | {values} | {wins}/{len(diffs)} |"
             )
     if not lines:
         return []
     return [
         f"### {method} against the baselines",
         "",
-        f"Held-out loss of {method}'s selection minus the baseline's at the same rule and fraction, paired by train "
-        f"seed (same data split and order); negative means {method} is better. The spread across seeds is the noise "
-        "floor a difference has to clear.",
+        f"Held-out loss of {method}'s selection minus the baseline's at the same training method, rule and "
+        f"fraction, paired by train seed (same data split and order); negative means {method} is better. The "
+        "spread (standard deviation of the paired differences across seeds) is the noise floor a mean difference "
+        "has to clear.",
         "",
-        "| rule, fraction | baseline | mean difference | per train seed | seeds where " + method + " is lower |",
-        "|---|---|---|---|---|",
+        "| setting | baseline | mean difference | spread | per train seed | seeds where " + method + " is lower |",
+        "|---|---|---|---|---|---|",
         *lines,
         "",
     ]
@@ -862,11 +1044,16 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
         if len(seeds) == 1
         else f"mean over train seeds {', '.join(map(str, seeds))}; the values per seed in brackets"
     )
+    random_note = (
+        " random draws a new permutation for every train seed."
+        if ft.random_per_seed and "random" in _finetune_methods(cfg)
+        else ""
+    )
     lines = [
         "## Fine-tuning",
         "",
-        f"{ft.method}, {ft.steps} steps each, from the base model on {_finetune_data(cfg)} (rankings of seed "
-        f"{_finetune_seed(cfg)}). Held-out loss: base -> after training ({seed_note}).",
+        f"{', '.join(ft.method)}, {ft.steps} steps each, from the base model on {_finetune_data(cfg)} (rankings of "
+        f"seed {_finetune_seed(cfg)}). Held-out loss: base -> after training ({seed_note}).{random_note}",
         "",
     ]
     if any(name != _finetune_data(cfg) for name in ft.ranked_on):
@@ -876,12 +1063,14 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
             "",
         ]
     lines += [
+        "'per type': the rule is applied within each module type (q, k, v, o, gate, up, down separately), as "
+        "Spectrum does; rule params: the best layers up to that share of the all-layers trainable parameters. "
         "Backward has to reach the lowest selected block, so a step's cost follows that block more than the "
-        "number of layers.",
+        "number of layers. Step time and peak memory come from each unit's own run, one unit at a time.",
         "",
-        "| unit | rule | ranking | fraction | layers | lowest block | trainable params | held-out loss | "
-        "median step s | peak memory GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| unit | rule | ranking | fraction | layers | trainable share | lowest block | trainable params | "
+        "held-out loss | median step s | peak memory GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def num(value: Any, spec: str) -> str:
@@ -891,28 +1080,131 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
         each = f" ({', '.join(f'{v:.4f}' for v in row['losses'])})" if len(row["losses"]) > 1 else ""
         lines.append(
             f"| {row['unit']} | {row['rule']} | {row['method']} | {num(row['fraction'], '.2f')} | "
-            f"{row['layers']} | {num(row['lowest_block'], 'd')} | {num(row['params'], ',')} | "
-            f"{num(row['base_loss'], '.4f')} -> "
+            f"{row['layers']} | {num(row['share'], '.1%')} | {num(row['lowest_block'], 'd')} | "
+            f"{num(row['params'], ',')} | {num(row['base_loss'], '.4f')} -> "
             f"{num(row['loss'], '.4f')}{each} | {num(row['median_step_s'], '.3f')} | {num(row['peak_gb'], '.2f')} |"
         )
     lines.append("")
     lines += paired_differences(runs)
-    # freeze-bottom f keeps the top 1 - f of the same ranking, so it is one more point on the fraction axis
-    ablation = [r for r in rows if r["rule"] in ("top", "freeze-bottom", "all")]
-    if ablation:
+    trainings = [t for t in ft.method if any(r["training"] == t for r in rows)]
+    for training in trainings:
+        # freeze-bottom f keeps the top 1 - f of the same ranking, so it is one more point on the fraction axis
+        ablation = [r for r in rows if r["training"] == training and r["rule"] in ("top", "freeze-bottom", "all")]
+        if not ablation:
+            continue
+        name = "ablation.png" if len(ft.method) == 1 else f"ablation-{training}.png"
+        title = "### Ablation: selected fraction" + ("" if len(ft.method) == 1 else f" ({training})")
         lines += [
-            "### Ablation: selected fraction",
+            title,
             "",
             "Held-out loss and median step time against the fraction of layers trained (rule top, and "
             f"freeze-bottom {ft.freeze_bottom:g} as the top {1 - ft.freeze_bottom:g}; fraction 1.0 is every layer).",
             "",
             *ablation_table(ablation),
-            "![ablation](ablation.png)",
+            f"![ablation]({name})",
             "",
         ]
-        plot_ablation(ablation, root / "ablation.png")
+        plot_ablation(ablation, root / name)
+    lines += cost_section(cfg, root, rows)
     if runs:
         write_json(root / "finetune.json", runs)
+    return [*lines, ""]
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        loaded = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def ranking_cost(cfg: ExperimentConfig, root: Path, method: str, milestone: int, data: str) -> float | None:
+    """Seconds one ranking cost to produce from nothing, from its run folders' timings (None when a folder is
+    missing): ila is the whole identify run; ila@m Stage 1 up to the milestone's step plus the milestone's own run
+    (model load, Stage 2); delta-norm Stage 1 (to the milestone) plus its ranking run; every other method its
+    ranking run. Identify's held-out evaluations count: a user pays them too."""
+    from ila.stage1_lora import milestone_steps
+
+    seed = _finetune_seed(cfg)
+    identify = _manifest(identify_dir(root, data, seed))
+    if method == ILA and milestone == 100:
+        return identify.get("timings", {}).get("total")
+    if method not in MILESTONE_METHODS:
+        return _manifest(ranking_dir(root, method, data, seed)).get("timings", {}).get("total")
+    timings, stage1 = identify.get("timings", {}), identify.get("stage1", {})
+    steps, window = stage1.get("steps"), identify.get("config", {}).get("stage1", {}).get("window")
+    if "stage 1" not in timings or not steps or not window:
+        return None
+    at = milestone_steps(steps, window, [milestone])[milestone]
+    stage1_s = timings["stage 1"] * at / steps
+    if method == ILA:
+        own = _manifest(ranking_dir(root, ILA, data, seed, milestone)).get("timings", {}).get("total")
+        return stage1_s + own if own is not None else None
+    loads = timings.get("load model", 0.0) + timings.get("load data", 0.0)
+    own = _manifest(ranking_dir(root, method, data, seed, milestone)).get("timings", {}).get("total")
+    return stage1_s + loads + own if own is not None else None
+
+
+def cost_section(cfg: ExperimentConfig, root: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: what each ranking cost, in seconds and in all-layers fine-tuning steps, and what ranking plus a
+    selective fine-tune costs against an all-layers fine-tune of the same steps (40 steps, one epoch, and one
+    ranking serving two data sets)."""
+    assert cfg.finetune is not None
+    ft = cfg.finetune
+    step_all = {r["training"]: r["median_step_s"] for r in rows if r["rule"] == "all" and r["median_step_s"]}
+    reference = step_all.get(ft.method[0])
+    used = sorted(
+        {(u.method, u.milestone, u.ranked_on, u.label) for u in finetune_units(cfg) if u.method},
+        key=lambda item: [u.label for u in finetune_units(cfg)].index(item[3]),
+    )
+    costs: dict[str, float] = {}
+    lines = [
+        "### Cost",
+        "",
+        "What producing each ranking cost (seconds, from the timings in its run folders), and the same as a "
+        f"number of all-layers {ft.method[0]} fine-tuning steps (median step of the all-layers unit). 'from DATA' "
+        "rankings were produced on that data set.",
+        "",
+        "| ranking | seconds | all-layers steps |",
+        "|---|---|---|",
+    ]
+    for method, milestone, ranked_on, label in used:
+        seconds = ranking_cost(cfg, root, method, milestone, ranked_on)
+        if seconds is None or label in costs:
+            continue
+        costs[label] = seconds
+        steps = f"{seconds / reference:.0f}" if reference else "-"
+        lines.append(f"| {label} | {seconds:.0f} | {steps} |")
+    train_examples = next((r["train_examples"] for r in rows if r.get("train_examples")), None)
+    batch = next((r["batch_size"] for r in rows if r.get("batch_size")), None)
+    epoch = -(-train_examples // batch) if train_examples and batch else None
+    horizons = [(f"{ft.steps} steps", ft.steps, 1)]
+    if epoch:
+        horizons += [(f"1 epoch ({epoch} steps)", epoch, 1), (f"2 data sets x {epoch} steps", epoch, 2)]
+    lines += [
+        "",
+        "Ranking plus fine-tuning the selection, as a multiple of fine-tuning every layer for the same steps "
+        "(below 1: the selection pays for its ranking). Step times are the units' medians; longer horizons assume "
+        "the same step time, and '2 data sets' ranks once and fine-tunes twice.",
+        "",
+        "| training | ranking | rule, fraction | step vs all layers | " + " | ".join(h for h, _, _ in horizons) + " |",
+        "|---|---|---|---|" + "---|" * len(horizons),
+    ]
+    for row in rows:
+        full = step_all.get(row["training"])
+        seconds = costs.get(row["method"])
+        if row["rule"] == "all" or not full or seconds is None or not row["median_step_s"]:
+            continue
+        ratio = row["median_step_s"] / full
+        cells = [f"{(seconds + n * runs * row['median_step_s']) / (n * runs * full):.2f}" for _, n, runs in horizons]
+        lines.append(
+            f"| {row['training']} | {row['method']} | {row['rule']} {row['fraction']:.2f} | {ratio:.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return [*lines, ""]
 
 
