@@ -1,4 +1,6 @@
-"""Benchmark of `ila finetune` (LoRA) on the default model (SmolLM2-135M-Instruct, bundled data, batch 4, fp32).
+"""Benchmark of `ila finetune` on the default model (SmolLM2-135M-Instruct, bundled data, batch 4, fp32): LoRA, or
+with `--method full` full fine-tuning of the selected layers' weights (the way Spectrum trains), where every selected
+weight carries its gradient and AdamW's two moments.
 
 Prints, measured side by side in one run:
   1. LoRA on all 210 layers vs LoRA on 30% of them: (a) ILA's top 30% from --ranking, (b) every layer of the deepest
@@ -22,7 +24,8 @@ Prints, measured side by side in one run:
      counts real (non-padding) tokens.
 
 Usage: python benchmarks/finetune_benchmark.py [--steps 6] [--ranking RUN_DIR_OR_RANKING_JSON] [--skip-trl]
-                                               [--threads N]
+                                               [--threads N] [--method lora|full]
+(--method full compares the selections only: the TRL part is LoRA's.)
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from ila.training_loop import sft_loss, train
 FRACTION = 0.3  # the share of layers (and of blocks) every selection trains
 BATCH = 4
 LEARNING_RATE = 1e-3  # ila finetune's LoRA default
+FULL_LEARNING_RATE = 1e-5  # ila finetune's full default
 GRAD_CLIP = 1.0  # ila finetune's default
 SEED = 0
 MEMORY_STEPS = 3  # step 1 allocates Adam's moments; the peak is reached by step 2
@@ -127,6 +131,32 @@ def lora_trainee(
     return Trainee(name, peft_model, params, optimizer, batches, device)
 
 
+def full_trainee(
+    name: str, model: nn.Module, layers: Sequence[Layer], batches: Iterator[Batch], device: torch.device
+) -> Trainee:
+    """Full fine-tuning of `layers`' weights (as `ila finetune --method full`): every other parameter frozen."""
+    model.requires_grad_(False)
+    for layer in layers:
+        model.get_submodule(layer.name).weight.requires_grad_(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=FULL_LEARNING_RATE, weight_decay=0.0)
+    return Trainee(name, model, params, optimizer, batches, device)
+
+
+def make_trainee(
+    method: str, name: str, model: nn.Module, layers: Sequence[Layer], batches: Iterator[Batch], device: torch.device
+) -> Trainee:
+    return (full_trainee if method == "full" else lora_trainee)(name, model, layers, batches, device)
+
+
+def trained_params(method: str, layers: Sequence[Layer], r: int) -> int:
+    """What a configuration trains: LoRA factors, or the selected weights themselves."""
+    if method == "full":
+        return sum(layer.in_features * layer.out_features for layer in layers)
+    return sum(lora_param_count(layer, r) for layer in layers)
+
+
 def rss_peak_gb() -> float:
     """This process's peak RSS since it started (its address space's high-water mark, VmHWM).
 
@@ -141,12 +171,13 @@ def rss_peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
-def memory_rule(kind: str = "top_fraction", value: float = FRACTION) -> SelectionRule:
-    """selection.py's rule for this benchmark's setting: LoRA r=8, fp32 weights, batch 4 x the data's max length."""
+def memory_rule(kind: str = "top_fraction", value: float = FRACTION, method: str = "lora") -> SelectionRule:
+    """selection.py's rule for this benchmark's setting: LoRA r=8 (or full), fp32 weights, batch 4 x the data's max
+    length."""
     return SelectionRule(
         kind,
         value,
-        method="lora",
+        method=method,  # type: ignore[arg-type]
         lora_r=LoraSettings().r,
         batch_size=BATCH,  # type: ignore[arg-type]
         seq_len=DataConfig().max_length,
@@ -157,7 +188,9 @@ def memory_rule(kind: str = "top_fraction", value: float = FRACTION) -> Selectio
 # ------------------------------------------------------------------------------------------ configurations
 
 
-def placements(layers: list[Layer], shapes: ModelShapes, ranking_path: str | None) -> tuple[list[Placement], str]:
+def placements(
+    layers: list[Layer], shapes: ModelShapes, ranking_path: str | None, method: str = "lora"
+) -> tuple[list[Placement], str]:
     """All layers and the 30% selections (and, with a ranking, a depth-aware memory-budget selection), plus a note
     on what selection.py's memory-budget rule picks for the budget the ILA top 30% is estimated to need."""
     n_pick = round(FRACTION * len(layers))
@@ -166,19 +199,22 @@ def placements(layers: list[Layer], shapes: ModelShapes, ranking_path: str | Non
     note = ""
     if ranking_path:
         ranking = load_ranking(ranking_path)
-        top = select(ranking, memory_rule(), shapes, ranking_path)
+        top = select(ranking, memory_rule(method=method), shapes, ranking_path)
         out.append(Placement("ILA top 30%", [by_name[name] for name in top.names()]))
         assert top.memory_estimate is not None
-        same = select(ranking, memory_rule("memory_budget", top.memory_estimate["total_gb"]), shapes, ranking_path)
+        same = select(
+            ranking, memory_rule("memory_budget", top.memory_estimate["total_gb"], method), shapes, ranking_path
+        )
         # The same budget can only give back the same layers (every prefix of the ranking fits), so the row that is
         # timed uses the issue's memory target instead: 0.7 x the all-layers estimate.
-        all_gb = estimate_training_memory(layers, shapes, memory_rule())["total_gb"]
-        target = select(ranking, memory_rule("memory_budget", TARGET_MEMORY_RATIO * all_gb), shapes, ranking_path)
+        all_gb = estimate_training_memory(layers, shapes, memory_rule(method=method))["total_gb"]
+        budget = memory_rule("memory_budget", TARGET_MEMORY_RATIO * all_gb, method)
+        target = select(ranking, budget, shapes, ranking_path)
         out.append(Placement(f"ILA, memory budget {TARGET_MEMORY_RATIO}x", [by_name[n] for n in target.names()]))
         assert same.memory_estimate is not None and target.memory_estimate is not None
         note = (
             f"selection.py's memory-budget rule is depth-aware: it counts activations only from the lowest selected "
-            f"block up (LoRA r=8, fp32, batch {BATCH} x {DataConfig().max_length}). At the budget the ILA top 30% is "
+            f"block up ({'full' if method == 'full' else 'LoRA r=8'}, fp32, batch {BATCH} x {DataConfig().max_length}). At the budget the ILA top 30% is "
             f"estimated to need ({top.memory_estimate['total_gb']:.2f} GB) it picks {len(same.layers)} layers, lowest "
             f"block {same.lowest_block} (backward through {same.backward_blocks} blocks), "
             f"{'the same layers as the top 30%' if same.names() == top.names() else 'other layers than the top 30%'}"
@@ -199,11 +235,19 @@ def placements(layers: list[Layer], shapes: ModelShapes, ranking_path: str | Non
 
 
 def time_placements(
-    base: nn.Module, chosen: list[Placement], data: SftData, pad_id: int, device: torch.device, steps: int
+    base: nn.Module,
+    chosen: list[Placement],
+    data: SftData,
+    pad_id: int,
+    device: torch.device,
+    steps: int,
+    method: str = "lora",
 ) -> dict[str, list[float]]:
     """Median-ready step times: each configuration on its own copy of `base`, identical batches, interleaved."""
     trainees = [
-        lora_trainee(p.name, copy.deepcopy(base), p.layers, batch_stream(data.train, BATCH, pad_id, SEED), device)
+        make_trainee(
+            method, p.name, copy.deepcopy(base), p.layers, batch_stream(data.train, BATCH, pad_id, SEED), device
+        )
         for p in chosen
     ]
     for step in range(steps + 1):  # step 0 is a warm-up
@@ -239,9 +283,10 @@ def memory_child(name: str, spec_path: Path) -> None:
             for batch in batches:
                 sft_loss(loaded.model, batch.to(loaded.device))
     else:
+        spec = json.loads(spec_path.read_text())
         by_name = {layer.name: layer for layer in discover_layers(loaded.model)}
-        layers = [by_name[n] for n in json.loads(spec_path.read_text())[name]]
-        trainee = lora_trainee(name, loaded.model, layers, iter(batches), loaded.device)
+        layers = [by_name[n] for n in spec["placements"][name]]
+        trainee = make_trainee(spec["method"], name, loaded.model, layers, iter(batches), loaded.device)
         for _ in range(MEMORY_STEPS):
             trainee.step()
     out["peak_gb"] = rss_peak_gb()
@@ -250,12 +295,13 @@ def memory_child(name: str, spec_path: Path) -> None:
     print(json.dumps(out))
 
 
-def measure_memory(chosen: list[Placement], threads: int | None) -> dict[str, dict[str, Any]]:
+def measure_memory(chosen: list[Placement], threads: int | None, method: str = "lora") -> dict[str, dict[str, Any]]:
     """Run `memory_child` once per configuration (and once forward-only); each reports its own peak RSS."""
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "placements.json"
-        spec.write_text(json.dumps({p.name: [layer.name for layer in p.layers] for p in chosen}))
+        placed = {p.name: [layer.name for layer in p.layers] for p in chosen}
+        spec.write_text(json.dumps({"method": method, "placements": placed}))
         for name in [NO_TRAINING, *(p.name for p in chosen)]:
             command = [sys.executable, __file__, "--memory-child", name, "--memory-spec", str(spec)]
             if threads:
@@ -279,32 +325,35 @@ def selective_lora(
     steps: int,
     ranking: str | None,
     threads: int | None,
+    method: str = "lora",
 ) -> None:
-    chosen, note = placements(layers, shapes, ranking)
+    chosen, note = placements(layers, shapes, ranking, method)
+    what = "Full fine-tuning of" if method == "full" else "LoRA on"
     print(
-        f"\n## 1. LoRA on all layers vs 30% selections ({steps} interleaved steps after 1 warm-up, batch {BATCH}, "
+        f"\n## 1. {what} all layers vs 30% selections ({steps} interleaved steps after 1 warm-up, batch {BATCH}, "
         f"max length {DataConfig().max_length}, bundled data)\n"
     )
     if not ranking:
         print("(no --ranking given: the ILA top-30% rows are skipped)\n")
     print("timing, interleaved in this process:", flush=True)
-    seconds = time_placements(base, chosen, data, pad_id, device, steps)
+    seconds = time_placements(base, chosen, data, pad_id, device, steps, method)
     print(f"peak memory, one subprocess per configuration ({MEMORY_STEPS} steps on the widest batches):", flush=True)
-    memory = measure_memory(chosen, threads)
+    memory = measure_memory(chosen, threads, method)
     forward_gb = memory[NO_TRAINING]["peak_gb"]
     base_time = statistics.median(seconds[chosen[0].name])
     base_mem = memory[chosen[0].name]["peak_gb"]
     r = LoraSettings().r
+    trained = "trained weights" if method == "full" else "LoRA params"
     print()
     print(
-        "| configuration | layers | LoRA params | lowest block | median step (s) | step ratio | peak RSS (GB) "
+        f"| configuration | layers | {trained} | lowest block | median step (s) | step ratio | peak RSS (GB) "
         "| RSS ratio | RSS above forward-only (GB) | estimate (GB) | targets met (time, memory) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for p in chosen:
         step = statistics.median(seconds[p.name])
         peak = memory[p.name]["peak_gb"]
-        estimate = estimate_training_memory(p.layers, shapes, memory_rule())["total_gb"]
+        estimate = estimate_training_memory(p.layers, shapes, memory_rule(method=method))["total_gb"]
         met = (
             "-"
             if p is chosen[0]
@@ -314,7 +363,7 @@ def selective_lora(
             )
         )
         print(
-            f"| {p.name} | {len(p.layers)} | {sum(lora_param_count(x, r) for x in p.layers):,} | "
+            f"| {p.name} | {len(p.layers)} | {trained_params(method, p.layers, r):,} | "
             f"{p.lowest_block} | {step:.2f} | {step / base_time:.2f} | {peak:.2f} | {peak / base_mem:.2f} | "
             f"{peak - forward_gb:.2f} | {estimate:.2f} | {met} |"
         )
@@ -330,7 +379,8 @@ def selective_lora(
             "- peak CUDA allocated (GB): " + ", ".join(f"{p.name} {memory[p.name]['peak_cuda_gb']:.2f}" for p in chosen)
         )
     print(
-        "- estimate: selection.py's `estimate_training_memory` (LoRA r=8, fp32 weights, batch "
+        f"- estimate: selection.py's `estimate_training_memory` ({'full' if method == 'full' else 'LoRA r=8'}, "
+        "fp32 weights, batch "
         f"{BATCH} x {DataConfig().max_length})"
     )
     if note:
@@ -484,6 +534,7 @@ def main() -> None:
     parser.add_argument("--ranking", help="an identify run folder or ranking.json of the default model")
     parser.add_argument("--skip-trl", action="store_true", help="skip the comparison with TRL's SFTTrainer")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--method", choices=("lora", "full"), default="lora", help="how the selections train")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory subprocess
     parser.add_argument("--memory-spec", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -507,10 +558,19 @@ def main() -> None:
         )
         pad_id = int(loaded.tokenizer.pad_token_id)
         selective_lora(
-            loaded.model, layers, shapes, data, pad_id, loaded.device, args.steps, args.ranking, args.threads
+            loaded.model,
+            layers,
+            shapes,
+            data,
+            pad_id,
+            loaded.device,
+            args.steps,
+            args.ranking,
+            args.threads,
+            args.method,
         )
-        if args.skip_trl:
-            print("\n## 2. ila vs TRL: skipped (--skip-trl)")
+        if args.skip_trl or args.method == "full":
+            print("\n## 2. ila vs TRL: skipped (--skip-trl, or --method full)")
         else:
             trl_comparison(loaded.model, layers, data, loaded.tokenizer, loaded.device, args.steps)
     except IlaError as err:
