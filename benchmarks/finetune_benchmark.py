@@ -214,7 +214,8 @@ def placements(
         assert same.memory_estimate is not None and target.memory_estimate is not None
         note = (
             f"selection.py's memory-budget rule is depth-aware: it counts activations only from the lowest selected "
-            f"block up ({'full' if method == 'full' else 'LoRA r=8'}, fp32, batch {BATCH} x {DataConfig().max_length}). At the budget the ILA top 30% is "
+            f"block up ({'full' if method == 'full' else 'LoRA r=8'}, fp32, batch {BATCH} x "
+            f"{DataConfig().max_length}). At the budget the ILA top 30% is "
             f"estimated to need ({top.memory_estimate['total_gb']:.2f} GB) it picks {len(same.layers)} layers, lowest "
             f"block {same.lowest_block} (backward through {same.backward_blocks} blocks), "
             f"{'the same layers as the top 30%' if same.names() == top.names() else 'other layers than the top 30%'}"
