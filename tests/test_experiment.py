@@ -327,6 +327,7 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
         param_fractions=[0.3],
         methods=["ila", "ila@50", "random", "spectrum"],
         train_seeds=[0, 1],
+        method_overrides={"full": {"finetune.lr": 3e-5}},
     )
     path = tmp_path / "worth.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -344,6 +345,9 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
     finetune = root / "finetune"
     full = json.loads((finetune / "full-ila-top50" / "manifest.json").read_text(encoding="utf-8"))
     assert full["method"] == "full" and full["config"]["finetune"]["method"] == "full"
+    assert full["config"]["finetune"]["lr"] == 3e-5  # the full runs' own learning rate; LoRA keeps its default
+    lora = json.loads((finetune / "lora-ila-top50" / "manifest.json").read_text(encoding="utf-8"))
+    assert lora["config"]["finetune"]["lr"] is None
 
     def chosen(name: str) -> dict[str, object]:
         return json.loads((finetune / name / "selection.json").read_text(encoding="utf-8"))

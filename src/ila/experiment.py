@@ -76,6 +76,8 @@ class ExperimentFinetune:
     # so method differences can be read against the seed-to-seed spread. Default: the ranking seed alone.
     train_seeds: tuple[int, ...] = ()
     overrides: tuple[str, ...] = ()  # FinetuneConfig `section.key=value` (from a mapping of dotted keys)
+    # Per training method, applied after `overrides` (say a learning rate for full): (method, `section.key=value`)
+    method_overrides: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -89,6 +91,10 @@ class ExperimentFinetune:
             raise IlaError(f"finetune.freeze_bottom={self.freeze_bottom} must lie in [0, 1)")
         if len(set(self.train_seeds)) != len(self.train_seeds):
             raise IlaError(f"finetune.train_seeds={list(self.train_seeds)} lists a seed twice")
+        for method, _ in self.method_overrides:
+            if method not in self.method:
+                allowed = list(self.method)
+                raise IlaError(f"finetune.method_overrides: '{method}' is not one of finetune.method {allowed}")
         for rule in self.rules:
             if rule not in FINETUNE_RULES:
                 raise IlaError(f"finetune.rules: unknown rule '{rule}'; allowed: {', '.join(FINETUNE_RULES)}")
@@ -212,9 +218,18 @@ def load_experiment(path: str | Path, trust_remote_code: bool = False) -> Experi
     identify = _dotted_pairs(values.pop("identify", None), "identify")
     finetune = values.get("finetune")
     ft_overrides: list[str] = []
+    method_overrides: list[tuple[str, str]] = []
     if isinstance(finetune, dict):
         finetune = dict(finetune)
         ft_overrides = _dotted_pairs(finetune.pop("overrides", None), "finetune.overrides")
+        by_method = finetune.pop("method_overrides", None) or {}
+        if not isinstance(by_method, dict):
+            raise IlaError(f"{path}: finetune.method_overrides must be a mapping of training method: overrides")
+        method_overrides = [
+            (str(method), item)
+            for method, values in by_method.items()
+            for item in _dotted_pairs(values, f"finetune.method_overrides.{method}")
+        ]
         values["finetune"] = finetune
     pairs = tuple((str(name), _resolve(str(p), base)) for name, p in datasets.items())
     model = values.get("model")
@@ -228,7 +243,7 @@ def load_experiment(path: str | Path, trust_remote_code: bool = False) -> Experi
     cfg = build_config(_ExperimentFields, plain)
     ft = build_config(ExperimentFinetune, values["finetune"], prefix="finetune.") if "finetune" in values else None
     if ft is not None:
-        ft = replace(ft, overrides=tuple(ft_overrides))
+        ft = replace(ft, overrides=tuple(ft_overrides), method_overrides=tuple(method_overrides))
     config = ExperimentConfig(
         model=cfg.model,
         datasets=pairs,
@@ -305,7 +320,8 @@ def finetune_config(
     training = training or ft.method[0]
     shared = parse_overrides([f"identify.{item}" for item in cfg.identify]).get("identify", {})
     values: dict[str, Any] = {key: shared[key] for key in ("data", "lora") if key in shared}
-    values = merge(values, parse_overrides([f"finetune.{item}" for item in ft.overrides]).get("finetune", {}))
+    own = [item for method, item in ft.method_overrides if method == training]
+    values = merge(values, parse_overrides([f"finetune.{item}" for item in (*ft.overrides, *own)]).get("finetune", {}))
     values = _with_remote_code(values, cfg.trust_remote_code)
     seed = _finetune_seed(cfg) if train_seed is None else train_seed
     run: dict[str, Any] = {"seed": seed, "output": output}
