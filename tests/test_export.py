@@ -475,3 +475,73 @@ def test_trl_full_refuses_when_the_counts_disagree(tmp_path: Path, tiny_model_di
     with pytest.raises(IlaError, match=r"export check failed.*would train"):
         export_module.run_export(path, "trl", out, method="full")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------ issue #14 item 9: ranks from scores
+
+
+def ranks_selection(model_dir: Path, folder: Path) -> tuple[Path, dict[str, int]]:
+    """Every layer, each with a LoRA rank from a planted γ (v_proj and down_proj important)."""
+    import math
+
+    from ila.selection import SelectionRule, lora_param_count
+
+    model = fresh(model_dir)
+    layers = discover_layers(model)
+    scores = [3.0 if la.module_type.endswith(("v_proj", "down_proj")) else -3.0 for la in layers]
+    scores = [s + 0.01 * la.block for s, la in zip(scores, layers, strict=True)]
+    gammas = [1 / (1 + math.exp(-s)) for s in scores]
+    ranking = rank_layers(layers, scores, "ila", gammas=gammas, info={"model": str(model_dir)})
+    budget = 0.5 * sum(lora_param_count(la, 8) for la in layers)
+    selection = select(ranking, SelectionRule("lora_ranks", budget), ModelShapes.of(model))
+    path = folder / "ranks.json"
+    selection.save(path)
+    ranks = selection.lora_ranks()
+    assert ranks is not None and len(set(ranks.values())) > 1
+    return path, ranks
+
+
+def ranks_under_peft(model_dir: Path, kwargs: dict[str, Any]) -> dict[str, tuple[int, float]]:
+    model = get_peft_model(fresh(model_dir), LoraConfig(**kwargs))
+    return {
+        name: (module.r["default"], module.scaling["default"])
+        for name, module in model.base_model.model.named_modules()
+        if isinstance(getattr(module, "r", None), dict)
+    }
+
+
+@pytest.mark.parametrize("target", ["peft", "axolotl", "unsloth"])
+def test_rank_pattern_exports_give_every_layer_its_rank(tmp_path: Path, tiny_model_dir: Path, target: str) -> None:
+    path, ranks = ranks_selection(tiny_model_dir, tmp_path)
+    out = tmp_path / f"{target}.out"
+    export_module.run_export(path, target, out)
+    if target == "peft":
+        kwargs = json.loads(out.read_text())
+    else:
+        body = yaml.safe_load(out.read_text())
+        if target == "axolotl":  # axolotl's loaders/adapter.py: lora_rank_pattern -> rank_pattern, ...
+            kwargs = {
+                "r": body["lora_r"],
+                "lora_alpha": body["lora_alpha"],
+                "target_modules": body["lora_target_modules"],
+                "rank_pattern": body["lora_rank_pattern"],
+                "alpha_pattern": body["lora_alpha_pattern"],
+            }
+        else:  # unsloth's get_peft_model passes its keywords to LoraConfig
+            kwargs = {k: body[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")}
+    applied = ranks_under_peft(tiny_model_dir, kwargs)
+    assert {name: r for name, (r, _) in applied.items()} == ranks
+    assert {scale for _, scale in applied.values()} == {2.0}  # alpha/r of the uniform setting, at every rank
+
+
+@pytest.mark.parametrize("target", ["trl", "llama-factory", "ms-swift"])
+def test_rank_pattern_is_refused_where_a_trainer_cannot_express_it(
+    tmp_path: Path, tiny_model_dir: Path, target: str
+) -> None:
+    path, _ = ranks_selection(tiny_model_dir, tmp_path)
+    out = tmp_path / "out.yaml"
+    with pytest.raises(IlaError, match=r"its own LoRA rank.*--to peft or axolotl or unsloth") as err:
+        export_module.run_export(path, target, out)
+    assert "\n" not in str(err.value) and not out.exists()
+    with pytest.raises(IlaError, match="its own LoRA rank"):
+        export_module.run_export(path, "axolotl", out, method="full")

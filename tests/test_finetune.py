@@ -333,3 +333,43 @@ def test_memory_and_speed_options_train_the_same_weights(
     for name, param in other.model.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(param, want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_ranks_from_scores_train_each_layer_at_its_rank(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path
+) -> None:
+    import math
+
+    from ila.selection import SelectionRule, lora_param_count
+
+    model = base_model(tiny_model_dir)
+    layers = discover_layers(model)
+    scores = [float(la.block) + (2.0 if la.module_type.endswith("v_proj") else 0.0) for la in layers]
+    ranking = rank_layers(
+        layers,
+        scores,
+        "ila",
+        gammas=[1 / (1 + math.exp(-(s - 2))) for s in scores],
+        info={"model": str(tiny_model_dir)},
+    )
+    budget = 0.4 * sum(lora_param_count(la, 8) for la in layers)
+    selection = select(ranking, SelectionRule("lora_ranks", budget), ModelShapes.of(model))
+    path = tmp_path / "ranks.json"
+    selection.save(path)
+    ranks = selection.lora_ranks()
+    assert ranks is not None and len(set(ranks.values())) > 1
+    result = finetune(tiny_model_dir, tiny_data, tmp_path / "run", "lora", path)
+    reloaded = PeftModel.from_pretrained(base_model(tiny_model_dir), str(result.run_dir / "adapter"))
+    for peft_model in (result.model, reloaded):
+        got = {
+            name: module.r["default"]
+            for name, module in unwrap(peft_model).named_modules()
+            if isinstance(getattr(module, "r", None), dict)
+        }
+        assert got == ranks
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    by_name = {la.name: la for la in layers}
+    expected = sum(lora_param_count(by_name[n], r) for n, r in ranks.items())
+    assert manifest["trainable_params"]["count"] == expected == selection.trainable_params["lora"]
+    with pytest.raises(IlaError, match="its own LoRA rank"):
+        finetune(tiny_model_dir, tiny_data, tmp_path / "full", "full", path)

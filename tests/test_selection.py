@@ -18,6 +18,7 @@ from ila.ranking import Ranking, load_ranking, rank_layers
 from ila.selection import (
     ModelShapes,
     SelectionRule,
+    by_module_type,
     estimate_training_memory,
     load_selection,
     lora_param_count,
@@ -415,3 +416,96 @@ def test_cli_select_per_type_and_budget_print_share_and_lowest_block(
         assert code == 0 and 0 < data["trainable_params"]["lora"] <= parse_param_count(budget)
         assert data["lowest_block"] == min(e["block"] for e in data["layers"])
         assert "of an all-layer adapter" in printed and "lowest selected block" in printed
+
+
+# -------------------------------------------------------------------------------------- LoRA ranks from scores
+
+
+def with_gamma(layers: list[Layer], scores: list[float]) -> Ranking:
+    """A ranking with ILA's mask values γ = σ(score)."""
+    return rank_layers(layers, scores, "ila", gammas=[1 / (1 + math.exp(-x)) for x in scores])
+
+
+def ila_like_ranking(layers: list[Layer], seed: int = 0) -> Ranking:
+    rng = random.Random(seed)
+    return with_gamma(layers, [rng.uniform(-4, 4) for _ in layers])
+
+
+@pytest.mark.parametrize("share", [0.15, 0.3, 0.5, 1.0, 3.0])
+def test_lora_ranks_follow_the_scores_and_never_exceed_the_budget(
+    llama: tuple[list[Layer], ModelShapes], share: float
+) -> None:
+    layers, shapes = llama
+    ranking = ila_like_ranking(layers, seed=int(share * 10))
+    everything = sum(lora_param_count(layer, 8) for layer in layers)
+    budget = share * everything
+    selection = select(ranking, SelectionRule("lora_ranks", budget), shapes)
+    ranks = selection.lora_ranks()
+    assert ranks is not None and set(ranks) == {layer.name for layer in layers}  # every layer keeps an adapter
+    by_name = {layer.name: layer for layer in layers}
+    spent = sum(lora_param_count(by_name[name], r) for name, r in ranks.items())
+    assert spent == selection.trainable_params["lora"] and 0 < spent <= budget
+    assert set(ranks.values()) <= {1, 2, 4, 8, 16, 32}
+    # a higher γ never gets a smaller rank (same shapes within a module type)
+    for entries in by_module_type(ranking.layers).values():
+        ordered = sorted(entries, key=lambda e: e.gamma or 0.0)
+        assert [ranks[e.name] for e in ordered] == sorted(ranks[e.name] for e in ordered)
+    # the budget is used: rounding moves ranks by factors of 2, so at least about a third of it is spent
+    most = sum(lora_param_count(layer, 32) for layer in layers)
+    assert spent >= 0.35 * min(budget, most)
+    assert "every layer" not in selection.description and "all " in selection.description
+
+
+def test_lora_ranks_planted_signal_puts_the_large_ranks_on_the_important_layers(
+    llama: tuple[list[Layer], ModelShapes],
+) -> None:
+    layers, shapes = llama
+    important = {layer.name for layer in layers if layer.module_type.endswith(("v_proj", "down_proj"))}
+    ranking = with_gamma(layers, [4.0 if layer.name in important else -4.0 for layer in layers])
+    budget = 0.5 * sum(lora_param_count(layer, 8) for layer in layers)
+    ranks = select(ranking, SelectionRule("lora_ranks", budget), shapes).lora_ranks()
+    assert ranks is not None
+    assert min(ranks[name] for name in important) > max(r for name, r in ranks.items() if name not in important)
+    assert min(ranks.values()) == 1
+
+
+def test_lora_ranks_refuse_an_impossible_budget_and_full(llama: tuple[list[Layer], ModelShapes]) -> None:
+    layers, shapes = llama
+    floor = sum(lora_param_count(layer, 1) for layer in layers)
+    with pytest.raises(IlaError, match="below every layer at rank 1"):
+        select(ila_like_ranking(layers), SelectionRule("lora_ranks", floor - 1), shapes)
+    with pytest.raises(IlaError, match="not with --per-type or --method full"):
+        SelectionRule("lora_ranks", 1e6, method="full")
+
+
+def test_cli_select_lora_ranks_round_trips(
+    tmp_path: Path, tiny_model_dir: Path, llama: tuple[list[Layer], ModelShapes]
+) -> None:
+    ila_like_ranking(llama[0]).save(tmp_path)
+    ranking = tmp_path / "ranking.json"
+    data = json.loads(ranking.read_text(encoding="utf-8"))
+    data["info"]["model"] = str(tiny_model_dir)
+    ranking.write_text(json.dumps(data), encoding="utf-8")
+    out = tmp_path / "sel.json"
+    assert (
+        main(
+            [
+                "select",
+                "--ranking",
+                str(ranking),
+                "--lora-ranks",
+                "30%",
+                "--rank-choices",
+                "1,2,4,8,16",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    selection = load_selection(out)
+    ranks = selection.lora_ranks()
+    assert ranks is not None and set(ranks.values()) <= {1, 2, 4, 8, 16}
+    everything = sum(lora_param_count(layer, 8) for layer in llama[0])
+    assert selection.trainable_params["lora"] <= 0.3 * everything
+    assert selection.rule.rank_choices == (1, 2, 4, 8, 16)

@@ -46,6 +46,8 @@ SELECT_EXAMPLES = """examples:
   ila select --ranking R --memory-budget 12 --method qlora --output sel.json     # estimated training GB
   ila select --ranking runs/spectrum --top 0.25 --per-type --output sel.json     # best 25% of each module type
   ila select --ranking R --param-budget 2M --per-type --output sel.json          # split by type, by type's size
+  ila select --ranking R --param-budget 30% --output sel.json                    # 30% of all layers' LoRA params
+  ila select --ranking R --lora-ranks 30% --output sel.json     # every layer, rank from its score (rank_pattern)
 
 Budgets are greedy by rank and skip layers that do not fit, so they are never exceeded. Any ranking.json works
 (ILA or a baseline such as random-K or last-K). The memory estimate counts weights, adapter/optimizer state,
@@ -263,7 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FRACTION",
         help="freeze this fraction of the least important layers (0.25 = keep the top 75%%)",
     )
-    rule.add_argument("--param-budget", metavar="N", help="at most N trainable parameters (2000000, 2e6, 1.5M, 300k)")
+    rule.add_argument(
+        "--param-budget",
+        metavar="N",
+        help="at most N trainable parameters (2000000, 2e6, 1.5M, 300k, or 30%% of every layer's count)",
+    )
+    rule.add_argument(
+        "--lora-ranks",
+        metavar="N",
+        help="keep every layer and give each a LoRA rank in proportion to its score (ILA's gamma), using at most "
+        "N LoRA parameters (as --param-budget); exported as PEFT rank_pattern/alpha_pattern",
+    )
     rule.add_argument("--memory-budget", type=float, metavar="GB", help="at most this much estimated training memory")
     select.add_argument(
         "--method",
@@ -278,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         "separately), as Spectrum does; a fraction is rounded down per type, at least 1 layer each",
     )
     select.add_argument("--lora-r", type=int, default=8, help="LoRA rank for parameter counts (default 8)")
+    select.add_argument(
+        "--rank-choices",
+        default="1,2,4,8,16,32",
+        metavar="LIST",
+        help="--lora-ranks: the ranks a layer can get (default 1,2,4,8,16,32)",
+    )
     select.add_argument("--batch-size", type=int, default=4, help="memory estimate: sequences per step (default 4)")
     select.add_argument("--max-length", type=int, default=256, help="memory estimate: tokens per sequence (256)")
     select.add_argument("--model", help="model for layer shapes and order (default: the model the ranking names)")
@@ -619,7 +637,7 @@ def _layers(args: argparse.Namespace) -> int:
 def _select(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ila.selection import SelectionRule, parse_param_count, select_from_file
+    from ila.selection import RuleKind, SelectionRule, parse_param_count, parse_share, select_from_file
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
@@ -641,8 +659,25 @@ def _select(args: argparse.Namespace) -> int:
                 raise IlaError(f"--top {args.top}: give a count (12) or a fraction (0.3)") from None
     elif args.freeze_bottom is not None:
         rule = SelectionRule("freeze_bottom", args.freeze_bottom, **common)
-    elif args.param_budget is not None:
-        rule = SelectionRule("param_budget", parse_param_count(args.param_budget), **common)
+    elif args.param_budget is not None or args.lora_ranks is not None:
+        kind: RuleKind = "param_budget" if args.param_budget is not None else "lora_ranks"
+        text = args.param_budget if args.param_budget is not None else args.lora_ranks
+        try:
+            choices = tuple(int(r) for r in args.rank_choices.split(",") if r.strip())
+        except ValueError:
+            raise IlaError(f"--rank-choices {args.rank_choices}: give whole numbers such as 1,2,4,8,16") from None
+        if text.strip().endswith("%"):  # a share of what every layer would train
+            everything = select_from_file(
+                args.ranking, SelectionRule("all", **common), args.model, args.trust_remote_code
+            )
+            counted = "full" if args.method == "full" else "lora"
+            total = everything.trainable_params[counted]
+            if total is None:
+                raise IlaError(f"--{kind.replace('_', '-')} {text} needs the model's layer shapes: pass --model")
+            value = parse_share(text) * total
+        else:
+            value = parse_param_count(text)
+        rule = SelectionRule(kind, value, rank_choices=choices, **common)
     else:
         rule = SelectionRule("memory_budget", args.memory_budget, **common)
     selection = select_from_file(args.ranking, rule, args.model, args.trust_remote_code)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 import textwrap
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ila.config import LoraSettings, ModelConfig
 from ila.errors import IlaError
-from ila.lora_adapters import lora_targets
+from ila.lora_adapters import applied_ranks, lora_targets, rank_patterns
 from ila.run_folder import atomic_write_text
 from ila.selection import SelectedLayer, Selection, load_selection
 
@@ -197,7 +198,9 @@ def _yaml(body: dict[str, Any], head: Sequence[str], *more: str, why: dict[str, 
     return _comments([*head, *more]) + "\n".join(lines) + "\n"
 
 
-def _lora_kwargs(names: list[str] | str, lora: LoraSettings, fan_in_fan_out: bool) -> dict[str, Any]:
+def _lora_kwargs(
+    names: list[str] | str, lora: LoraSettings, fan_in_fan_out: bool, ranks: dict[str, int] | None = None
+) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "r": lora.r,
         "lora_alpha": lora.alpha,
@@ -208,6 +211,7 @@ def _lora_kwargs(names: list[str] | str, lora: LoraSettings, fan_in_fan_out: boo
     }
     if fan_in_fan_out:
         kwargs["fan_in_fan_out"] = True
+    kwargs.update(rank_patterns(ranks, lora))
     return kwargs
 
 
@@ -244,6 +248,23 @@ class _Checker:
         targeted = lora_targets(copy.deepcopy(self.model), target_modules, self.fan_in_fan_out)
         self._compare(f"{what} (PEFT LoraConfig applied)", targeted, self.names, "modules")
 
+    def ranks(self, what: str, lora_kwargs: dict[str, Any], ranks: dict[str, int], lora: LoraSettings) -> None:
+        """Each selected module gets its own rank, and the scale alpha/r of the uniform setting, under PEFT."""
+        got = applied_ranks(copy.deepcopy(self.model), lora_kwargs)
+        self._compare(f"{what} (PEFT LoraConfig applied)", list(got), self.names, "modules")
+        scale = lora.alpha / lora.r
+        wrong = [n for n, (r, s) in got.items() if r != ranks[n] or not math.isclose(s, scale, rel_tol=1e-9)]
+        if wrong:
+            r, s = got[wrong[0]]
+            raise IlaError(
+                f"export check failed: {what} on {self.label} gives {wrong[0]} rank {r} and scale {s:g} instead of "
+                f"{ranks[wrong[0]]} and {scale:g} ({len(wrong)} modules differ); nothing was written"
+            )
+        self.checks.append(
+            f"{what}: each of the {len(ranks)} modules at its own rank ({min(ranks.values())}-{max(ranks.values())}),"
+            f" scale alpha/r = {scale:g}, on {self.label}"
+        )
+
     def module_regex(self, what: str, regex: str) -> None:
         self._compare(f"{what} (re.fullmatch on module names)", regex_modules(self.model, regex), self.names, "modules")
 
@@ -271,6 +292,13 @@ def export_selection(
     lora = lora or LoraSettings(r=r, alpha=2 * r, dropout=default_dropout(target))
     check = _Checker(model, selection, model_label)
     names = selection.names()
+    ranks = selection.lora_ranks()
+    if ranks is not None and (method != "lora" or target not in RANK_PATTERN_TARGETS):
+        raise IlaError(
+            f"this selection gives each layer its own LoRA rank, which {target} --method {method} cannot express "
+            f"({RANK_PATTERN_WHY.get(target, 'not a LoRA export')}); export it with --to "
+            f"{' or '.join(RANK_PATTERN_TARGETS)}"
+        )
     head = [
         f"ila export --to {target}: {selection.description}",
         f"ranking: {selection.ranking_method} ({selection.ranking_path or 'no file'}); model: {selection.model}",
@@ -280,9 +308,11 @@ def export_selection(
     if target == "trl" and method == "full":
         text = _requires_grad_recipe(selection, check, head)
     elif target == "peft":
-        kwargs = _lora_kwargs(names, lora, check.fan_in_fan_out)
+        kwargs = _lora_kwargs(names, lora, check.fan_in_fan_out, ranks)
         text = json.dumps(kwargs, indent=2) + "\n"
         check.peft_targets("target_modules list", json.loads(text)["target_modules"])
+        if ranks is not None:
+            check.ranks("rank_pattern and alpha_pattern", json.loads(text), ranks, lora)
         notes.append("use it as LoraConfig(**json.load(open(FILE)))")
     elif target == "trl":
         regex = module_regex(selection.layers)
@@ -323,6 +353,7 @@ def export_selection(
             "lora_dropout": lora.dropout,
             "bias": "none",
             "target_modules": names,
+            **rank_patterns(ranks, lora),  # get_peft_model passes unknown keywords on to PEFT's LoraConfig
         }
         unsloth_paths = unsloth_fast_paths(selection, model, lora.dropout)
         path_lines = _unsloth_path_lines(unsloth_paths, lora.dropout)
@@ -337,6 +368,10 @@ def export_selection(
         )
         parsed = yaml.safe_load(text)
         check.peft_targets("target_modules list", parsed["target_modules"])
+        if ranks is not None:
+            check.ranks(
+                "rank_pattern and alpha_pattern (passed through to LoraConfig)", _unsloth_kwargs(parsed), ranks, lora
+            )
         if unsloth_fast_paths(selection, model, parsed["lora_dropout"]) != unsloth_paths or parsed["bias"] != "none":
             raise IlaError("export check failed: the unsloth file's dropout or bias differs from what was reported")
         notes.extend(path_lines)
@@ -350,6 +385,10 @@ def export_selection(
                 "lora_target_modules": names,
                 "lora_target_linear": False,
             }
+            if ranks is not None:  # axolotl's own keys, handed to LoraConfig as rank_pattern and alpha_pattern
+                patterns = rank_patterns(ranks, lora)
+                body["lora_rank_pattern"] = patterns["rank_pattern"]
+                body["lora_alpha_pattern"] = patterns["alpha_pattern"]
             text = _yaml(
                 body,
                 head,
@@ -362,6 +401,13 @@ def export_selection(
                 "lora_target_modules over lora_target_linear: true (axolotl rule)",
                 axolotl_lora_target_modules(model, merged),
             )
+            if ranks is not None:
+                check.ranks(
+                    "lora_rank_pattern and lora_alpha_pattern (axolotl rule)",
+                    axolotl_lora_kwargs(model, merged),
+                    ranks,
+                    lora,
+                )
         else:
             body = {"unfrozen_parameters": axolotl_patterns(selection.layers)}
             text = _yaml(
@@ -450,6 +496,40 @@ def export_selection(
             text, note = _llamafactory_freeze(selection, model, check, head)
             notes.append(note)
     return Export(target, method, text, check.checks, notes, unsloth_paths)
+
+
+# Checked against each trainer's source (2026-12): PEFT's LoraConfig, axolotl's lora_rank_pattern and
+# lora_alpha_pattern (loaders/adapter.py), unsloth's get_peft_model(**kwargs -> LoraConfig).
+RANK_PATTERN_TARGETS = ("peft", "axolotl", "unsloth")
+RANK_PATTERN_WHY = {
+    "trl": "TRL's ModelConfig and get_peft_config build LoraConfig from fixed fields; in Python, pass the peft "
+    "export as SFTTrainer(peft_config=LoraConfig(**kwargs))",
+    "llama-factory": "its finetuning arguments have no per-module rank",
+    "ms-swift": "its tuner arguments have no per-module rank",
+}
+
+
+def axolotl_lora_kwargs(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """The LoraConfig keywords axolotl builds from a config (loaders/adapter.py, _build_lora_config_kwargs), as far
+    as targets and ranks go."""
+    kwargs: dict[str, Any] = {
+        "r": config["lora_r"],
+        "lora_alpha": config["lora_alpha"],
+        "target_modules": axolotl_lora_target_modules(model, config),
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+    if config.get("lora_rank_pattern"):
+        kwargs["rank_pattern"] = config["lora_rank_pattern"]
+    if config.get("lora_alpha_pattern"):
+        kwargs["alpha_pattern"] = config["lora_alpha_pattern"]
+    return kwargs
+
+
+def _unsloth_kwargs(mapping: dict[str, Any]) -> dict[str, Any]:
+    """What unsloth's get_peft_model hands to LoraConfig from the exported mapping."""
+    keys = ("r", "lora_alpha", "lora_dropout", "bias", "target_modules", "rank_pattern", "alpha_pattern")
+    return {**{k: mapping[k] for k in keys if k in mapping}, "task_type": "CAUSAL_LM"}
 
 
 SPECTRUM_PLUGIN_WARNING = (

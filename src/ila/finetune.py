@@ -136,9 +136,17 @@ class TrainableSetup:
     before_zero_grad: Callable[[int], None] | None = None
 
 
-def make_trainable(model: nn.Module, chosen: Sequence[Layer], cfg: FinetuneConfig) -> TrainableSetup:
-    """Set up the method on exactly `chosen`; every other parameter is frozen before the optimizer exists."""
+def make_trainable(
+    model: nn.Module, chosen: Sequence[Layer], cfg: FinetuneConfig, ranks: dict[str, int] | None = None
+) -> TrainableSetup:
+    """Set up the method on exactly `chosen`, at each layer's own LoRA rank where `ranks` gives one; every other
+    parameter is frozen before the optimizer exists."""
     method = cfg.finetune.method
+    if ranks and method not in ("lora", "qlora"):
+        raise IlaError(
+            f"the selection gives each layer its own LoRA rank, which --method {method} cannot use; "
+            "train it with --method lora or qlora"
+        )
     if method == "full":
         model.requires_grad_(False)
         for layer in chosen:
@@ -157,7 +165,7 @@ def make_trainable(model: nn.Module, chosen: Sequence[Layer], cfg: FinetuneConfi
     if method == "adalora":
         peft_model = attach_adalora(model, chosen, cfg.lora, cfg.adalora, cfg.finetune.max_steps)  # type: ignore[arg-type]
     else:
-        peft_model = attach_lora(model, chosen, cfg.lora)  # type: ignore[arg-type]
+        peft_model = attach_lora(model, chosen, cfg.lora, ranks)  # type: ignore[arg-type]
     adapted = set(adapted_module_names(peft_model))
     wanted = {layer.name for layer in chosen}
     if adapted != wanted:  # PEFT's suffix matching must not reach beyond the selection
@@ -210,7 +218,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     with timings.measure("held-out evaluation"):
         heldout = [{"step": 0, "loss": heldout_loss(loaded.model, heldout_batches, device)}]
     torch.manual_seed(cfg.run.seed)  # adapter initialisation does not depend on what ran before
-    trainable = make_trainable(loaded.model, chosen, cfg)
+    trainable = make_trainable(loaded.model, chosen, cfg, selection.lora_ranks())
     model = trainable.model
     model.train()
     if sharding.fsdp_enabled():  # FSDP swaps in sharded parameters: collect them again, before the optimizer
@@ -296,7 +304,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
         trainable_params={
             "count": n_trainable,
             "tensors": len(trainable.names),
-            "expected_from_selection": _expected_params(chosen, cfg),
+            "expected_from_selection": _expected_params(chosen, cfg, selection.lora_ranks()),
         },
         training=_loop_summary(loop),
         heldout_loss=heldout,
@@ -316,13 +324,14 @@ def _lr_factor(warmup: int, max_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _expected_params(chosen: Sequence[Layer], cfg: FinetuneConfig) -> int:
+def _expected_params(chosen: Sequence[Layer], cfg: FinetuneConfig, ranks: dict[str, int] | None = None) -> int:
     method = cfg.finetune.method
     if method == "full":
         return sum(layer.n_params for layer in chosen)
     if method == "adalora":  # A (r x in), B (out x r) and the r singular values E
         return sum(cfg.adalora.init_r * (layer.in_features + layer.out_features + 1) for layer in chosen)
-    return sum(cfg.lora.r * (layer.in_features + layer.out_features) for layer in chosen)
+    r = ranks or {}
+    return sum(r.get(layer.name, cfg.lora.r) * (layer.in_features + layer.out_features) for layer in chosen)
 
 
 def _save_trained(

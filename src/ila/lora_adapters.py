@@ -29,8 +29,14 @@ ADAPTER = "default"
 _PEFT_PREFIX = "base_model.model."
 
 
-def lora_config_for(layers: Sequence[Layer], settings: LoraSettings, fan_in_fan_out: bool = False) -> LoraConfig:
-    """A LoraConfig that targets exactly these layers by full module name."""
+def lora_config_for(
+    layers: Sequence[Layer],
+    settings: LoraSettings,
+    fan_in_fan_out: bool = False,
+    ranks: dict[str, int] | None = None,
+) -> LoraConfig:
+    """A LoraConfig that targets exactly these layers by full module name; `ranks` gives layers their own rank."""
+    patterns: dict[str, Any] = rank_patterns(ranks, settings)
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -39,7 +45,20 @@ def lora_config_for(layers: Sequence[Layer], settings: LoraSettings, fan_in_fan_
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
+        rank_pattern=patterns.get("rank_pattern", {}),
+        alpha_pattern=patterns.get("alpha_pattern", {}),
     )
+
+
+def rank_patterns(ranks: dict[str, int] | None, settings: LoraSettings) -> dict[str, dict[str, int | float]]:
+    """PEFT's rank_pattern and alpha_pattern for per-layer ranks, keyed by full module name (PEFT matches a key
+    as `(.*\\.)?KEY$`, so a full name reaches only that module). Each alpha keeps the scale alpha/r of the uniform
+    setting, so a layer's update is scaled alike whatever its rank."""
+    if not ranks:
+        return {}
+    scale = settings.alpha / settings.r
+    alphas = {name: (int(r * scale) if float(r * scale).is_integer() else r * scale) for name, r in ranks.items()}
+    return {"rank_pattern": dict(ranks), "alpha_pattern": alphas}
 
 
 def uses_conv1d(model: nn.Module, layers: Sequence[Layer]) -> bool:
@@ -48,9 +67,12 @@ def uses_conv1d(model: nn.Module, layers: Sequence[Layer]) -> bool:
     return any(isinstance(model.get_submodule(layer.name), Conv1D) for layer in layers)
 
 
-def attach_lora(model: PreTrainedModel, layers: Sequence[Layer], settings: LoraSettings) -> PeftModel:
-    """Wrap `model` with LoRA on exactly `layers` (PEFT's own init: A random, B zero, so the start is θ0)."""
-    config = lora_config_for(layers, settings, fan_in_fan_out=uses_conv1d(model, layers))
+def attach_lora(
+    model: PreTrainedModel, layers: Sequence[Layer], settings: LoraSettings, ranks: dict[str, int] | None = None
+) -> PeftModel:
+    """Wrap `model` with LoRA on exactly `layers` (PEFT's own init: A random, B zero, so the start is θ0), at
+    `ranks` where given."""
+    config = lora_config_for(layers, settings, fan_in_fan_out=uses_conv1d(model, layers), ranks=ranks)
     with warnings.catch_warnings():  # PEFT warns about fan_in_fan_out for Conv1D even when we set it
         warnings.simplefilter("ignore", UserWarning)
         return get_peft_model(model, config)  # type: ignore[return-value]
@@ -273,3 +295,17 @@ def lora_targets(model: nn.Module, target_modules: list[str] | str, fan_in_fan_o
             return []
         raise
     return adapted_module_names(peft_model)
+
+
+def applied_ranks(model: nn.Module, lora_kwargs: dict[str, Any]) -> dict[str, tuple[int, float]]:
+    """(rank, scaling) of every module PEFT adapts under LoraConfig(**lora_kwargs), rank_pattern and alpha_pattern
+    included. Injects adapters into `model`, so pass a throwaway copy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))  # type: ignore[arg-type]
+    out = {}
+    for name, module in peft_model.get_base_model().named_modules():
+        ranks = getattr(module, "r", None)
+        if isinstance(ranks, dict) and "default" in ranks:
+            out[name] = (int(ranks["default"]), float(module.scaling["default"]))
+    return out

@@ -1,5 +1,6 @@
 """Selection: turn a ranking into the layers to fine-tune (top-K, freeze-bottom, parameter or memory budget), over
-all layers at once or within each module type (`per_type`, Spectrum's rule).
+all layers at once or within each module type (`per_type`, Spectrum's rule); or keep every layer and give each a
+LoRA rank from its score under a LoRA-parameter budget (`lora_ranks`).
 
 Reads a ranking.json (ILA or any baseline) and, for layer shapes and model order, the model's module tree (built
 on the meta device from its config, no weights); writes selection.json, which `ila finetune` and `ila export` read.
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
-RuleKind = Literal["top_count", "top_fraction", "freeze_bottom", "param_budget", "memory_budget", "all"]
+RuleKind = Literal["top_count", "top_fraction", "freeze_bottom", "param_budget", "memory_budget", "lora_ranks", "all"]
 BudgetMethod = Literal["lora", "qlora", "full"]
 
 # Memory estimate (see `estimate_training_memory`).
@@ -45,6 +46,8 @@ class SelectionRule:
     (param_budget) or GB of estimated training memory (memory_budget). `method` says which parameters a budget
     counts: LoRA factors r·(in+out) per layer (lora, qlora) or the weight itself in·out (full).
     `per_type` applies the rule within each module type (q_proj, k_proj, ... separately; see `select`).
+    `lora_ranks` keeps every layer and gives each a rank from `rank_choices` in proportion to its score, as many
+    LoRA parameters as `value` allows (see `allocate_ranks`).
     """
 
     kind: RuleKind
@@ -55,10 +58,19 @@ class SelectionRule:
     seq_len: int = 256  # memory estimate: tokens per sequence
     weight_bytes: float = 2.0  # memory estimate: bf16 weights, ila's default on CUDA
     per_type: bool = False
+    rank_choices: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # lora_ranks: the ranks a layer can get
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rank_choices", tuple(sorted(set(self.rank_choices))))  # a JSON list when loaded
         if self.lora_r < 1:
             raise IlaError(f"lora r={self.lora_r} must be >= 1")
+        if not self.rank_choices or any(not isinstance(r, int) or r < 1 for r in self.rank_choices):
+            raise IlaError(f"rank choices {list(self.rank_choices)} must be whole numbers >= 1")
+        if self.kind == "lora_ranks" and (self.per_type or self.method == "full"):
+            raise IlaError(
+                "LoRA ranks from scores keep every layer and count LoRA parameters: not with --per-type or "
+                "--method full"
+            )
         if self.batch_size < 1 or self.seq_len < 1:
             raise IlaError("the memory estimate needs batch size and sequence length >= 1")
         if self.per_type and self.kind == "memory_budget":
@@ -120,6 +132,7 @@ class SelectedLayer:
     rank: int  # in the source ranking (1 = most important)
     n_params: int  # in·out: trainable parameters under full fine-tuning
     lora_params: int | None  # r·(in+out) at the selection's LoRA rank; None when the shapes are unknown
+    lora_r: int | None = None  # this layer's own LoRA rank (rule lora_ranks); None: the rule's lora_r
 
 
 @dataclass
@@ -145,6 +158,18 @@ class Selection:
 
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
+
+    def _lora_label(self) -> str:
+        ranks = self.lora_ranks()
+        if ranks is None:
+            return f"r={self.rule.lora_r}"
+        return f"r={min(ranks.values())}-{max(ranks.values())} by layer"
+
+    def lora_ranks(self) -> dict[str, int] | None:
+        """Each layer's own LoRA rank (rule lora_ranks), by module name; None when all share rule.lora_r."""
+        if all(layer.lora_r is None for layer in self.layers):
+            return None
+        return {layer.name: layer.lora_r or self.rule.lora_r for layer in self.layers}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -181,7 +206,7 @@ class Selection:
             f"{self.description}",
             f"trainable parameters: full {self.trainable_params['full']:,}{of('full', 'all linear-layer weights')}"
             + (
-                f", LoRA r={self.rule.lora_r} {lora:,}{of('lora', 'an all-layer adapter')}"
+                f", LoRA {self._lora_label()} {lora:,}{of('lora', f'an all-layer adapter at r={self.rule.lora_r}')}"
                 if lora is not None
                 else ", LoRA unknown (no shapes)"
             ),
@@ -231,11 +256,14 @@ def lora_param_count(layer: Layer, r: int) -> int:
     return r * (layer.in_features + layer.out_features)
 
 
-def estimate_training_memory(selected: Sequence[Layer], shapes: ModelShapes, rule: SelectionRule) -> dict[str, float]:
+def estimate_training_memory(
+    selected: Sequence[Layer], shapes: ModelShapes, rule: SelectionRule, ranks: dict[str, int] | None = None
+) -> dict[str, float]:
     """A rough estimate (GB) of training memory for `selected` layers, to compare selections against a budget.
 
     - weights: every parameter at `rule.weight_bytes` (block linears at 0.52 bytes for qlora's NF4);
-    - trainable state: LoRA adapters in fp32 with gradient and Adam's two moments (16 bytes per parameter), or
+    - trainable state: LoRA adapters (at `ranks` where given) in fp32 with gradient and Adam's two moments (16
+      bytes per parameter), or
       for full fine-tuning a gradient at the weight's precision plus Adam's fp32 moments (2 + 8 bytes);
     - activations kept for backward: 34·b·s·h bytes per block at 16 bits (Korthikanti et al. 2022, without the
       attention scores that SDPA/flash attention do not store), only for blocks from the lowest selected block up,
@@ -251,7 +279,10 @@ def estimate_training_memory(selected: Sequence[Layer], shapes: ModelShapes, rul
     if rule.method == "full":
         state = sum(layer.n_params for layer in selected) * (rule.weight_bytes + ADAM_FP32_BYTES)
     else:
-        state = sum(lora_param_count(layer, rule.lora_r) for layer in selected) * LORA_BYTES_PER_PARAM
+        r = ranks or {}
+        state = (
+            sum(lora_param_count(layer, r.get(layer.name, rule.lora_r)) for layer in selected) * LORA_BYTES_PER_PARAM
+        )
     blocks = [layer.block for layer in selected if layer.block >= 0]
     depth = shapes.n_blocks - min(blocks) if blocks else 0
     tokens = rule.batch_size * rule.seq_len
@@ -290,10 +321,10 @@ def _check_rule(rule: SelectionRule, n: int) -> None:
             raise IlaError(f"freeze_bottom={value:g}: the frozen fraction must lie in [0, 1)")
         if n - round(value * n) < 1 and not rule.per_type:  # per type rounds down: every type keeps a layer
             raise IlaError(f"freeze_bottom={value:g} freezes all {n} layers; freeze a smaller fraction")
-    elif rule.kind in ("param_budget", "memory_budget"):
+    elif rule.kind in ("param_budget", "memory_budget", "lora_ranks"):
         assert value is not None
         if value <= 0:
-            unit = "parameters" if rule.kind == "param_budget" else "GB"
+            unit = "GB" if rule.kind == "memory_budget" else "parameters"
             raise IlaError(f"{rule.kind}={value:g}: a budget must be > 0 {unit}")
 
 
@@ -416,8 +447,14 @@ def select(
             raise IlaError(f"{what} needs the model's layer shapes: pass --model (the ranking names no loadable model)")
 
     value = rule.value
+    ranks: dict[str, int] | None = None
     if rule.kind == "all":
         chosen = list(entries)
+    elif rule.kind == "lora_ranks":
+        assert value is not None
+        need_shapes("LoRA ranks from scores")
+        chosen = list(entries)
+        ranks = allocate_ranks(entries, [layer_of(e) for e in entries], value, rule.rank_choices)
     elif rule.per_type and rule.kind in ("top_count", "top_fraction", "freeze_bottom"):
         chosen = _top_per_type(by_module_type(entries), rule)
     elif rule.kind == "top_count":
@@ -474,7 +511,62 @@ def select(
                 f"memory budget {value:g} GB is below the cheapest single-layer selection "
                 f"({cheapest.name}: {memory([cheapest]):.3g} GB estimated)"
             )
-    return _build(ranking, rule, chosen, shapes.layers if shapes is not None else None, shapes, ranking_path)
+    return _build(ranking, rule, chosen, shapes.layers if shapes is not None else None, shapes, ranking_path, ranks)
+
+
+def rank_weights(entries: Sequence[LayerScore]) -> list[float]:
+    """What each layer's rank is proportional to: ILA's mask value γ where the ranking has it, else the score
+    scaled to [0, 1] over the ranking (a baseline's scores have their own units)."""
+    if all(e.gamma is not None for e in entries):
+        return [float(e.gamma) for e in entries]  # type: ignore[arg-type]
+    low, high = min(e.score for e in entries), max(e.score for e in entries)
+    if high == low:
+        return [1.0] * len(entries)
+    return [(e.score - low) / (high - low) for e in entries]
+
+
+def allocate_ranks(
+    entries: Sequence[LayerScore], layers: Sequence[Layer], budget: float, choices: Sequence[int]
+) -> dict[str, int]:
+    """Every layer's LoRA rank: c·weight rounded to the nearest choice on a log scale (at least the smallest
+    choice, so every layer keeps an adapter), with the largest c whose total r·(in+out) stays within `budget`.
+
+    The total only grows with c, so c is found by bisection; ties in rounding go to the smaller rank."""
+    weights = rank_weights(entries)
+    sizes = [layer.in_features + layer.out_features for layer in layers]
+    choices = sorted(choices)
+    logs = [math.log2(r) for r in choices]
+
+    def ranks_at(c: float) -> list[int]:
+        out = []
+        for w in weights:
+            if c * w <= choices[0]:
+                out.append(choices[0])
+                continue
+            target = math.log2(c * w)
+            out.append(min(zip(logs, choices, strict=True), key=lambda item: (abs(item[0] - target), item[1]))[1])
+        return out
+
+    def cost(ranks: Sequence[int]) -> int:
+        return sum(r * size for r, size in zip(ranks, sizes, strict=True))
+
+    floor = cost(ranks_at(0.0))
+    if floor > budget:
+        raise IlaError(
+            f"LoRA-rank budget {budget:,.0f} is below every layer at rank {choices[0]} ({floor:,} parameters); "
+            "raise the budget or allow a smaller rank"
+        )
+    positive = [w for w in weights if w > 0]
+    if not positive:
+        return {e.name: choices[0] for e in entries}
+    low, high = 0.0, 2 * choices[-1] / min(positive)  # at `high` every layer with weight > 0 has the largest rank
+    if cost(ranks_at(high)) <= budget:
+        low = high
+    else:
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if cost(ranks_at(middle)) <= budget else (low, middle)
+    return {e.name: r for e, r in zip(entries, ranks_at(low), strict=True)}
 
 
 def _build(
@@ -484,8 +576,10 @@ def _build(
     known: Sequence[Layer] | None,
     shapes: ModelShapes | None,
     ranking_path: str | None,
+    ranks: dict[str, int] | None = None,
 ) -> Selection:
-    """Assemble the Selection; `known` layers give model order and LoRA counts, `shapes` the memory estimate."""
+    """Assemble the Selection; `known` layers give model order and LoRA counts, `shapes` the memory estimate,
+    `ranks` each layer's own LoRA rank (rule lora_ranks)."""
     by_name = {layer.name: layer for layer in known} if known is not None else None
     if by_name is not None:
         position = {name: i for i, name in enumerate(by_name)}
@@ -499,7 +593,8 @@ def _build(
             e.module_type,
             e.rank,
             e.n_params,
-            lora_param_count(by_name[e.name], rule.lora_r) if by_name is not None else None,
+            lora_param_count(by_name[e.name], (ranks or {}).get(e.name, rule.lora_r)) if by_name is not None else None,
+            (ranks or {}).get(e.name),
         )
         for e in ordered
     ]
@@ -511,7 +606,7 @@ def _build(
     trainable: dict[str, int | None] = {"lora": lora, "full": full}
     memory = None
     if shapes is not None and by_name is not None:
-        memory = estimate_training_memory([by_name[layer.name] for layer in selected], shapes, rule)
+        memory = estimate_training_memory([by_name[layer.name] for layer in selected], shapes, rule, ranks)
     all_full = sum(e.n_params for e in ranking.layers)
     all_lora = sum(lora_param_count(by_name[e.name], rule.lora_r) for e in ranking.layers) if by_name else None
     share: dict[str, float | None] = {
@@ -558,6 +653,11 @@ def describe(rule: SelectionRule, k: int, n: int, trainable: dict[str, int | Non
     split = ", split by module type in proportion to size" if rule.per_type else ""
     if rule.kind == "param_budget":
         return f"parameter budget {value:,.0f} ({counted}{split}, greedy by rank): {share}, {count:,} parameters"
+    if rule.kind == "lora_ranks":
+        return (
+            f"LoRA ranks from scores (ranks {', '.join(map(str, rule.rank_choices))}) within {value:,.0f} LoRA "
+            f"parameters: all {n} layers, {count:,} parameters"
+        )
     return (
         f"memory budget {value:g} GB ({counted}, batch {rule.batch_size} x {rule.seq_len} tokens, greedy by "
         f"rank): {share}"
@@ -576,6 +676,17 @@ def all_layers(layers: Sequence[Layer], model: str | None, lora_r: int = 8) -> S
 
 
 # ------------------------------------------------------------------------------------------------ entry point
+
+
+def parse_share(text: str) -> float:
+    """'30%' as 0.3; a share must lie in (0, 100]%."""
+    try:
+        share = float(text.strip().rstrip("%")) / 100
+    except ValueError:
+        raise IlaError(f"'{text}' is not a percentage (example: 30%)") from None
+    if not 0 < share <= 1:
+        raise IlaError(f"'{text}': a share must lie in (0, 100]%")
+    return share
 
 
 def parse_param_count(text: str) -> float:
