@@ -322,7 +322,7 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
     raw.update(datasets={"a": str(tiny_data)}, seeds=[0], methods=["ila", "random", "spectrum"], milestones=[50, 100])
     raw["finetune"].update(
         method=["lora", "full"],
-        rules=["top", "params", "all"],
+        rules=["top", "params", "ranks", "all"],
         fractions=[0.5],
         param_fractions=[0.3],
         methods=["ila", "ila@50", "random", "spectrum"],
@@ -336,28 +336,36 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
     result = run_experiment(cfg, root)
     assert not result.missing
     assert len(result.computed) == planned_units(cfg)
-    # 2 trainings x (all + 4 rankings x 2 rules) x 2 train seeds
-    assert counted["finetune"] == 2 * 9 * 2
-    # an interrupted grid has whole comparisons: all layers, then the fraction, then the parameter budget
-    order = [u.rule for u in walk_order(cfg, finetune_units(cfg))]
-    assert order == ["all", "all"] + ["top"] * 8 + ["params"] * 8
+    # 2 trainings x (all + 4 rankings x 2 rules) + ILA's LoRA ranks, x 2 train seeds
+    assert counted["finetune"] == (2 * 9 + 1) * 2
+    # an interrupted grid has whole comparisons: all layers, the fraction, the ranks, then the parameter budget
+    order = [(u.training, u.rule) for u in walk_order(cfg, finetune_units(cfg))]
+    assert order == [
+        ("lora", "all"),
+        ("full", "all"),
+        *[("lora", "top")] * 4,
+        *[("full", "top")] * 4,
+        ("lora", "ranks"),
+        *[("lora", "params")] * 4,
+        *[("full", "params")] * 4,
+    ]
 
     finetune = root / "finetune"
     full = json.loads((finetune / "full-ila-top50" / "manifest.json").read_text(encoding="utf-8"))
     assert full["method"] == "full" and full["config"]["finetune"]["method"] == "full"
     assert full["config"]["finetune"]["lr"] == 3e-5  # the full runs' own learning rate; LoRA keeps its default
-    lora = json.loads((finetune / "lora-ila-top50" / "manifest.json").read_text(encoding="utf-8"))
+    lora = json.loads((finetune / "ila-top50" / "manifest.json").read_text(encoding="utf-8"))
     assert lora["config"]["finetune"]["lr"] is None
 
     def chosen(name: str) -> dict[str, object]:
         return json.loads((finetune / name / "selection.json").read_text(encoding="utf-8"))
 
     # random: a new permutation per train seed; ila: one ranking for both
-    assert chosen("lora-random-top50")["layers"] != chosen("lora-random-top50-train-seed1")["layers"]
-    assert chosen("lora-ila-top50")["layers"] == chosen("lora-ila-top50-train-seed1")["layers"]
+    assert chosen("random-top50")["layers"] != chosen("random-top50-train-seed1")["layers"]
+    assert chosen("ila-top50")["layers"] == chosen("ila-top50-train-seed1")["layers"]
     # the milestone ranking selects from its own ranking
     milestone = load_ranking(root / "identify" / "a-seed0" / "milestone-50" / "ranking.json")
-    picked = chosen("lora-ila-m50-top50")
+    picked = chosen("ila-m50-top50")
     assert (
         {layer["name"] for layer in picked["layers"]}
         == {  # type: ignore[index]
@@ -367,19 +375,29 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
     )
     # spectrum selects within each module type: half of every type
     spectrum = load_ranking(root / "rank" / "spectrum" / "ranking.json")
-    names = {layer["name"] for layer in chosen("lora-spectrum-top50")["layers"]}  # type: ignore[index]
+    names = {layer["name"] for layer in chosen("spectrum-top50")["layers"]}  # type: ignore[index]
     for entries in by_module_type(spectrum.layers).values():
         assert sum(e.name in names for e in entries) == per_type_count(0.5, len(entries))
     # a parameter budget counts the training method's parameters and is never exceeded
-    for training, key in (("lora", "lora"), ("full", "full")):
-        everything = chosen(f"{training}-all")["trainable_params"][key]  # type: ignore[index]
+    for prefix, key in (("", "lora"), ("full-", "full")):
+        everything = chosen(f"{prefix}all")["trainable_params"][key]  # type: ignore[index]
         for method in ("ila", "random", "spectrum"):
-            budgeted = chosen(f"{training}-{method}-params30")["trainable_params"][key]  # type: ignore[index]
+            budgeted = chosen(f"{prefix}{method}-params30")["trainable_params"][key]  # type: ignore[index]
             assert 0 < budgeted <= 0.3 * everything
+    # ranks from scores: every layer, within the same LoRA budget as ila-params30
+    ranks = chosen("ila-ranks30")
+    assert ranks["n_selected"] == ranks["n_layers"]
+    assert 0 < ranks["trainable_params"]["lora"] <= 0.3 * chosen("all")["trainable_params"]["lora"]  # type: ignore[index]
+    assert len({layer["lora_r"] for layer in ranks["layers"]}) > 1  # type: ignore[index]
 
     report = (root / "report.md").read_text(encoding="utf-8")
     assert "### Ablation: selected fraction (lora)" in report and (root / "ablation-full.png").is_file()
     assert "| lora top 0.50 | random |" in report and "| full params 0.30 | spectrum per type |" in report
+    runs = json.loads((root / "finetune.json").read_text(encoding="utf-8"))
+    loss = {(r["unit"], r["train_seed"]): r["loss"] for r in runs}
+    diffs = [loss[("ila-ranks30", s)] - loss[("ila-params30", s)] for s in (0, 1)]
+    assert "### LoRA ranks from scores against top layers at the same budget" in report
+    assert f"| lora 0.30 | ila | {sum(diffs) / 2:+.4f} |" in report
     assert "### Cost" in report and "| ila@50 |" in report and "2 data sets x" in report
     whole, early = ranking_cost(cfg, root, "ila", 100, "a"), ranking_cost(cfg, root, "ila", 50, "a")
     assert whole is not None and early is not None and 0 < early < whole

@@ -37,7 +37,7 @@ from ila.run_folder import atomic_write_text, write_json, write_yaml
 log = logging.getLogger(__name__)
 
 ILA = "ila"
-FINETUNE_RULES = ("freeze-bottom", "top", "params", "all")
+FINETUNE_RULES = ("freeze-bottom", "top", "params", "ranks", "all")
 SEED_FREE = ("first", "last", "snr", "spectrum")  # baselines that read neither the seed nor the data
 DATA_FREE = ("random", "first", "last", "snr", "spectrum")
 MILESTONE_METHODS = (ILA, "delta-norm")  # the only methods that read the Stage-1 update
@@ -51,13 +51,15 @@ class ExperimentFinetune:
     """`finetune:` train the layers each rule selects, from the base model, with the same steps for all."""
 
     steps: int = 100
-    # Training methods. With more than one, every unit runs under each and its folder name starts with the method.
+    # Training methods: every unit runs under each; folder names start with the method unless it is lora.
     method: tuple[TrainingMethod, ...] = ("lora",)
     fractions: tuple[float, ...] = (0.1, 0.3, 1.0)  # rule top: the top fraction of each ranking (the ablation)
     freeze_bottom: float = 0.25  # rule freeze-bottom: the least important fraction left frozen
     # rule params: the best layers of each ranking up to this share of the all-layers trainable parameters
     # (counted for the training method), so rankings are compared at equal parameters as well as equal layers
     param_fractions: tuple[float, ...] = (0.3,)
+    # rule ranks (LoRA only): every layer, each with a LoRA rank from its score, within the same parameter shares
+    rank_methods: tuple[str, ...] = (ILA,)
     rules: tuple[str, ...] = ("freeze-bottom", "top", "all")
     # Ranking methods whose rankings select layers; default: every method. `ila@25` (or `delta-norm@25`) is that
     # method's ranking from the 25% Stage-1 milestone, which must be one of the experiment's milestones.
@@ -167,6 +169,9 @@ class ExperimentConfig:
                         f"finetune.methods: '{method}' needs a method that reads the Stage-1 update "
                         f"({', '.join(MILESTONE_METHODS)}) and a milestone among {list(self.milestones)}"
                     )
+            for method in self.finetune.rank_methods if "ranks" in self.finetune.rules else ():
+                if method not in (self.finetune.methods or self.methods):
+                    raise IlaError(f"finetune.rank_methods: '{method}' is not one of the fine-tuned methods")
             for method in self.finetune.transfer_methods:
                 if method not in (self.finetune.methods or self.methods):
                     raise IlaError(f"finetune.transfer_methods: '{method}' is not one of the fine-tuned methods")
@@ -603,7 +608,7 @@ def finetune_units(cfg: ExperimentConfig) -> list[FinetuneUnit]:
     methods = ft.methods or cfg.methods
     out: list[FinetuneUnit] = []
     for training in ft.method:
-        prefix = f"{training}-" if len(ft.method) > 1 else ""
+        prefix = "" if training == "lora" else f"{training}-"
         if "all" in ft.rules:
             out.append(FinetuneUnit(f"{prefix}all", None, "all", 1.0, data, "-", training))
         for ranked_on in sorted(ft.ranked_on or (data,), key=lambda name: name != data):  # stable: own data first
@@ -614,6 +619,7 @@ def finetune_units(cfg: ExperimentConfig) -> list[FinetuneUnit]:
                 if ranked_on != data and ft.transfer_methods and spelled not in ft.transfer_methods:
                     continue
                 per_type = method in ft.per_type
+                own = ranked_on == data
                 slug = method if milestone == 100 else f"{method}-m{milestone}"
                 suffix = ("-per-type" if per_type and method not in _PER_TYPE_BY_NATURE else "") + (
                     "" if ranked_on == data else f"-from-{ranked_on}"
@@ -629,6 +635,8 @@ def finetune_units(cfg: ExperimentConfig) -> list[FinetuneUnit]:
                     wanted += [("top", f"top{round(f * 100)}", f) for f in ft.fractions if f < 1.0]
                 if "params" in ft.rules:
                     wanted += [("params", f"params{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
+                if "ranks" in ft.rules and spelled in ft.rank_methods and training in ("lora", "qlora") and own:
+                    wanted += [("ranks", f"ranks{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
                 out += [
                     FinetuneUnit(
                         f"{prefix}{slug}-{part}{suffix}",
@@ -652,12 +660,12 @@ _PER_TYPE_BY_NATURE = ("spectrum",)
 
 def walk_order(cfg: ExperimentConfig, units: Sequence[FinetuneUnit]) -> list[FinetuneUnit]:
     """The order units are computed in, so that an interrupted grid has whole comparisons: all layers first, then
-    each fraction in the YAML's order (every training method and ranking at it), then freeze-bottom, then the
-    parameter budgets. The report keeps finetune_units' order."""
+    each fraction in the YAML's order (every training method and ranking at it), then freeze-bottom, then per
+    parameter share the LoRA ranks from scores and the parameter budgets. The report keeps finetune_units' order."""
     assert cfg.finetune is not None
     ft = cfg.finetune
 
-    def priority(each: FinetuneUnit) -> tuple[int, int]:
+    def priority(each: FinetuneUnit) -> tuple[int, int, int]:
         if each.rule == "all":
             group = 0
         elif each.rule == "top":
@@ -666,7 +674,7 @@ def walk_order(cfg: ExperimentConfig, units: Sequence[FinetuneUnit]) -> list[Fin
             group = 1 + len(ft.fractions)
         else:
             group = 2 + len(ft.fractions) + ft.param_fractions.index(each.fraction)
-        return group, ft.method.index(each.training)
+        return group, int(each.rule == "params"), ft.method.index(each.training)
 
     return sorted(units, key=priority)
 
@@ -709,6 +717,8 @@ def unit_rule(cfg: ExperimentConfig, each: FinetuneUnit, ranking: Path) -> Any:
     total = everything.trainable_params[counted if counted == "full" else "lora"]
     if total is None:
         raise IlaError(f"a parameter budget needs the model's layer shapes ({cfg.model})")
+    if each.rule == "ranks":
+        return SelectionRule("lora_ranks", each.fraction * total, lora_r=r)
     return SelectionRule("param_budget", each.fraction * total, method=counted, lora_r=r, per_type=each.per_type)
 
 
@@ -1049,6 +1059,51 @@ def paired_differences(rows: list[dict[str, Any]], method: str = ILA) -> list[st
     ]
 
 
+def ranks_against_budget(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: each ranking's LoRA ranks from scores (rule ranks) minus its top layers at full rank within the
+    same LoRA-parameter share (rule params), paired by train seed."""
+    from statistics import stdev
+
+    loss = {
+        (r["method"], r.get("training", "lora"), r["rule"], r["fraction"], r["train_seed"]): r["loss"]
+        for r in rows
+        if r["loss"] is not None
+    }
+    lines = []
+    for method, training, fraction in sorted({(k[0], k[1], k[3]) for k in loss if k[2] == "ranks"}):
+        seeds = sorted(
+            s
+            for (m, t, ru, f, s) in loss
+            if (m, t, ru, f) == (method, training, "ranks", fraction)
+            and (method, training, "params", fraction, s) in loss
+        )
+        if not seeds:
+            continue
+        diffs = [
+            loss[(method, training, "ranks", fraction, s)] - loss[(method, training, "params", fraction, s)]
+            for s in seeds
+        ]
+        spread = f"{stdev(diffs):.4f}" if len(diffs) > 1 else "-"
+        lines.append(
+            f"| {training} {fraction:.2f} | {method} | {sum(diffs) / len(diffs):+.4f} | {spread} | "
+            f"{', '.join(f'{d:+.4f}' for d in diffs)} | {sum(d < 0 for d in diffs)}/{len(diffs)} |"
+        )
+    if not lines:
+        return []
+    return [
+        "### LoRA ranks from scores against top layers at the same budget",
+        "",
+        "Held-out loss with every layer at a rank from its score (rule ranks) minus the same ranking's top layers "
+        "at the uniform rank (rule params), both within the same share of the all-layers LoRA parameters, paired "
+        "by train seed; negative means the ranks are better.",
+        "",
+        "| training, share | ranking | mean difference | spread | per train seed | seeds where ranks are lower |",
+        "|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
 def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
     assert cfg.finetune is not None
     runs = finetune_rows(cfg, root)
@@ -1080,7 +1135,8 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
         ]
     lines += [
         "'per type': the rule is applied within each module type (q, k, v, o, gate, up, down separately), as "
-        "Spectrum does; rule params: the best layers up to that share of the all-layers trainable parameters. "
+        "Spectrum does; rule params: the best layers up to that share of the all-layers trainable parameters; "
+        "rule ranks: every layer, each with a LoRA rank from its score, within the same share of LoRA parameters. "
         "Backward has to reach the lowest selected block, so a step's cost follows that block more than the "
         "number of layers. Step time and peak memory come from each unit's own run, one unit at a time.",
         "",
@@ -1102,6 +1158,7 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
         )
     lines.append("")
     lines += paired_differences(runs)
+    lines += ranks_against_budget(runs)
     trainings = [t for t in ft.method if any(r["training"] == t for r in rows)]
     for training in trainings:
         # freeze-bottom f keeps the top 1 - f of the same ranking, so it is one more point on the fraction axis
