@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import write_jsonl
 from ila.cli import main
 from ila.config import EvaluateConfig, LoraSettings, build_config
+from ila.errors import IlaError
 from ila.evaluation import (
     EVAL_FILE,
     SAMPLES_FILE,
@@ -219,6 +220,57 @@ def test_lm_eval_runs_local_mmlu_and_gsm8k(
         )
     )
     assert again.benchmarks["mmlu"]["n"] == 2
+
+
+def write_preferences(path: Path, swapped: bool = False) -> Path:
+    words = ["water", "sun", "moon", "cat", "tree", "rain"]
+    rows = []
+    for i in range(6):
+        chosen, rejected = f"the {words[i]} is here", f"{words[(i + 1) % 6]} {words[(i + 3) % 6]} no {i}"
+        if swapped:
+            chosen, rejected = rejected, chosen
+        rows.append(
+            {
+                "conversations": [{"from": "human", "value": f"where is the {words[i]}"}],
+                "chosen": {"from": "gpt", "value": chosen},
+                "rejected": {"from": "gpt", "value": rejected},
+            }
+        )
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
+def test_preference_benchmark_scores_the_chosen_answer(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Swapping chosen and rejected turns every win into a loss: acc and acc_norm become 1 - themselves."""
+    pytest.importorskip("lm_eval")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    scores = []
+    for swapped in (False, True):
+        path = write_preferences(tmp_path / f"pairs-{swapped}.json", swapped)
+        cfg = make_config(
+            tiny_model_dir, tiny_data, tmp_path / f"out-{swapped}", benchmarks=["preference"], preference_path=str(path)
+        )
+        scores.append(run_evaluate(cfg).benchmarks["preference"])
+    plain, swapped_result = scores
+    assert plain["n"] == 6 and plain["metric"] == "acc_norm,none" and "chance is 0.5" in plain["description"]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert plain["metrics"][metric] == pytest.approx(1 - swapped_result["metrics"][metric])
+    assert isinstance(plain["score_stderr"], float)
+
+
+def test_preference_file_with_a_bad_row_is_one_line(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path) -> None:
+    path = write_preferences(tmp_path / "pairs.json")
+    rows = json.loads(path.read_text())
+    del rows[2]["rejected"]
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    cfg = make_config(tiny_model_dir, tiny_data, tmp_path / "out", benchmarks=["preference"], preference_path=str(path))
+    with pytest.raises(IlaError, match=r"pairs.json: row 3: a preference pair needs"):
+        run_evaluate(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 def test_log_samples_and_the_report_show_standard_errors(

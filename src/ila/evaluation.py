@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "eval_samples.jsonl"  # --log-samples: one JSON line per scored sample, beside eval.json
 CHANGED_WEIGHTS = "selected_weights.safetensors"  # what `ila finetune --method full` writes
-LOCAL_BENCHMARKS = ("mmlu", "gsm8k")
+LOCAL_BENCHMARKS = ("mmlu", "gsm8k", "preference")
 HUB_PREFIX = "hub:"  # hub:mmlu runs lm-eval's own (downloaded) task instead of the local file
 Message = dict[str, str]
 
@@ -346,6 +346,65 @@ def mmlu_task(path: Path, seed: int) -> dict[str, Any]:
     }
 
 
+def _check_preference_file(path: Path) -> None:
+    """The preference file must be a JSON list of {conversations: [{from, value}], chosen: {value}, rejected:
+    {value}}; raises an IlaError naming the file and the first bad row."""
+    if not path.is_file():
+        raise IlaError(f"benchmark preference: file not found: {path} (give it with --preference-path FILE)")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IlaError(f"{path}: benchmark preference needs a JSON list ({err})") from None
+    if not isinstance(rows, list) or not rows:
+        raise IlaError(f"{path}: benchmark preference needs a non-empty JSON list of preference pairs")
+    for index, row in enumerate(rows):
+        ok = (
+            isinstance(row, dict)
+            and isinstance(row.get("conversations"), list)
+            and bool(row["conversations"])
+            and all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in row["conversations"])
+            and all(
+                isinstance(row.get(k), dict) and isinstance(row[k].get("value"), str) for k in ("chosen", "rejected")
+            )
+        )
+        if not ok:
+            raise IlaError(
+                f"{path}: row {index + 1}: a preference pair needs conversations (a list of {{from, value}}), "
+                "chosen {value} and rejected {value}"
+            )
+
+
+def _preference_docs(seed: int) -> Callable[[Any], Any]:
+    def process(dataset: Any) -> Any:
+        return dataset.shuffle(seed=seed)  # --limit: a sample, not the file's first rows
+
+    return process
+
+
+def preference_task(path: Path, seed: int) -> dict[str, Any]:
+    """Preference pairs as a two-way multiple choice: the conversation as context, the chosen and the rejected
+    answer as the choices (the chosen one is right). acc compares total log-likelihoods, which favour the shorter
+    answer; acc_norm compares them per byte, the primary metric."""
+    return {
+        "task": "ila_preference",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path.resolve())}},
+        "test_split": "test",
+        "process_docs": _preference_docs(seed),
+        "output_type": "multiple_choice",
+        "doc_to_text": "{% for turn in conversations %}{{ 'Assistant' if turn['from'] == 'gpt' else 'User' }}: "
+        "{{ turn['value'] }}\n{% endfor %}Assistant:",
+        "doc_to_choice": "{{ [chosen['value'], rejected['value']] }}",
+        "doc_to_target": 0,
+        "target_delimiter": " ",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0, "source": str(path)},
+    }
+
+
 def gsm8k_task(path: Path, max_gen_toks: int) -> dict[str, Any]:
     """GSM8K as generate-until; exact match on the number after '####' (lm-eval's own gsm8k filters)."""
     files, fewshot_split = _data_files(path)
@@ -424,6 +483,21 @@ def benchmark_tasks(settings: EvaluateSettings, seed: int) -> list[BenchmarkTask
             label, description = mmlu_label(settings.num_fewshot)
             tasks.append(
                 BenchmarkTask(name, mmlu_task(path, seed), "ila_mmlu", str(path), "acc,none", label, description)
+            )
+        elif name == "preference":
+            path = Path(settings.preference_path).expanduser()
+            _check_preference_file(path)
+            tasks.append(
+                BenchmarkTask(
+                    name,
+                    preference_task(path, seed),
+                    "ila_preference",
+                    str(path),
+                    "acc_norm,none",
+                    "preference (chosen vs rejected)",
+                    "how often the model gives the chosen answer a higher likelihood per byte than the rejected one "
+                    "(acc_norm; acc: total log-likelihood); chance is 0.5",
+                )
             )
         elif name == "gsm8k":
             path = Path(settings.gsm8k_path).expanduser()
