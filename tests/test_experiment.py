@@ -110,6 +110,18 @@ def test_tiny_grid_end_to_end_rerun_and_resume(
     again = run_experiment(cfg, root)
     assert counted == before and not again.computed and len(again.skipped) == planned_units(cfg)
 
+    # the results kept without weights (experiments/keep_results.py) resume as a finished grid, same report
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "experiments" / "keep_results.py"
+    kept = tmp_path / "kept"
+    subprocess.run([sys.executable, str(script), str(root), str(kept)], check=True, capture_output=True)
+    assert not list(kept.rglob("*.safetensors")) and (kept / "finetune.json").is_file()
+    from_kept = run_experiment(cfg, kept)
+    assert counted == before and not from_kept.computed
+    assert (kept / "report.md").read_text(encoding="utf-8") == report
+
     # interrupted: one identify unit (with its milestone) and one finetune unit lost -> only those are redone
     shutil.rmtree(root / "identify" / "b-seed1")
     shutil.rmtree(root / "finetune" / "all")

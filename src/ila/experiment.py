@@ -506,7 +506,8 @@ def _identify_units(
         return
     for milestone in sorted(set(cfg.milestones) - {100}):
         folder = ranking_dir(root, ILA, data, seed, milestone)
-        if not (run_dir / "stage1" / f"milestone-{milestone}" / "adapter_config.json").is_file():
+        stage1_adapter = run_dir / "stage1" / f"milestone-{milestone}" / "adapter_config.json"
+        if not _is_complete(folder) and not stage1_adapter.is_file():  # kept results carry no adapters
             result.missing.append(f"{folder} (Stage 1 stopped before milestone {milestone}%)")
             continue
 
@@ -539,7 +540,7 @@ def _baseline_units(
             if method == "delta-norm":
                 stage1 = identify_dir(root, data, seed) / "stage1"
                 adapter = stage1 / ("adapter" if milestone == 100 else f"milestone-{milestone}")
-                if not (adapter / "adapter_config.json").is_file():
+                if not _is_complete(folder) and not (adapter / "adapter_config.json").is_file():
                     result.missing.append(f"{folder} (no Stage-1 adapter {adapter})")
                     continue
 
