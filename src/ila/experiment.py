@@ -450,7 +450,7 @@ def run_experiment(cfg: ExperimentConfig, output: str | Path | None = None) -> E
         for seed in cfg.seeds:
             _baseline_units(cfg, root, data, data_path, seed, unit, result)
     if cfg.finetune is not None:
-        _random_units(cfg, root, unit)
+        _random_units(cfg, root, unit, result)
         _finetune_units(cfg, root, unit)
     bar.close()
     result.report = root / "report.md"
@@ -525,12 +525,14 @@ def _baseline_units(
     seed: int,
     unit: Callable[[Path, Callable[[], Any]], None],
     result: ExperimentResult,
+    methods: Sequence[str] | None = None,
 ) -> None:
+    """The baseline rankings of one data set and seed (`methods`, default every method of the grid)."""
     from ila.baselines import BaselineSettings, run_rank
 
     icfg = identify_config(cfg, data_path, seed, "unused")
     settings = BaselineSettings(seed=seed, lora=icfg.lora)
-    for method in cfg.methods:
+    for method in cfg.methods if methods is None else methods:
         if method == ILA:
             continue
         milestones = sorted(set(cfg.milestones) | {100}) if method == "delta-norm" else [100]
@@ -563,28 +565,13 @@ def _baseline_units(
             unit(folder, work)
 
 
-def _random_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Callable[[], Any]], None]) -> None:
+def _random_units(
+    cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Callable[[], Any]], None], result: ExperimentResult
+) -> None:
     """The random rankings of train seeds that are not ranking seeds (finetune.random_per_seed)."""
-    from ila.baselines import BaselineSettings, run_rank
-
-    icfg = identify_config(cfg, cfg.datasets[0][1], cfg.seeds[0], "unused")
+    data, data_path = cfg.datasets[0]
     for seed in random_seeds(cfg)[len(cfg.seeds) :]:
-        folder = ranking_dir(root, "random", cfg.datasets[0][0], seed)
-
-        def work(seed: int = seed, folder: Path = folder) -> None:
-            run_rank(
-                "random",
-                cfg.model,
-                output=str(folder),
-                settings=BaselineSettings(seed=seed, lora=icfg.lora),
-                include_lm_head=icfg.model.include_lm_head,
-                trust_remote_code=cfg.trust_remote_code,
-                threads=cfg.threads,
-                overwrite=True,
-                command="ila experiment",
-            )
-
-        unit(folder, work)
+        _baseline_units(cfg, root, data, data_path, seed, unit, result, methods=("random",))
 
 
 @dataclass(frozen=True)
