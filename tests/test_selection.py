@@ -94,6 +94,32 @@ def test_depth_costs_memory(llama: tuple[list[Layer], ModelShapes]) -> None:
     assert first["total_gb"] > last["total_gb"]
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_estimate_is_per_process(llama: tuple[list[Layer], ModelShapes], method: str) -> None:
+    """Under N-way FSDP: fp32 master weights and training state split N ways, two whole blocks gathered at the
+    compute precision, activations of the process's rows; one process is the unsharded estimate."""
+    layers, shapes = llama
+    chosen = [la for la in layers if la.block >= 2]
+    one = estimate_training_memory(chosen, shapes, SelectionRule("all", method=method, batch_size=8))  # type: ignore[arg-type]
+    four = estimate_training_memory(
+        chosen,
+        shapes,
+        SelectionRule("all", method=method, batch_size=8, fsdp_processes=4),  # type: ignore[arg-type]
+    )
+    assert "gathered_blocks_gb" not in one
+    assert four["weights_gb"] == pytest.approx(one["weights_gb"] * 2 / 4)  # fp32 instead of bf16, a quarter each
+    if method == "lora":
+        assert four["trainable_state_gb"] == pytest.approx(one["trainable_state_gb"] / 4)
+    else:  # the gradient moves from bf16 to fp32 with the master weights
+        assert four["trainable_state_gb"] == pytest.approx(one["trainable_state_gb"] * (4 + 8) / (2 + 8) / 4)
+    assert four["activations_gb"] == pytest.approx(one["activations_gb"] / 4)  # 2 of 8 rows per process
+    block = sum(la.n_params for la in layers if la.block == 0)
+    assert four["gathered_blocks_gb"] == pytest.approx(2 * block * 2 / 1024**3)
+    assert four["total_gb"] == pytest.approx(sum(v for k, v in four.items() if k != "total_gb"))
+    with pytest.raises(IlaError, match="QLoRA does not run under FSDP"):
+        SelectionRule("all", method="qlora", fsdp_processes=2)
+
+
 @pytest.mark.parametrize("method,r", [("lora", 8), ("lora", 2), ("full", 8)])
 @pytest.mark.parametrize("budget", [384, 1000, 3000, 10_000, 25_000, 10**9])
 def test_param_budget_never_exceeded(llama: tuple[list[Layer], ModelShapes], method: str, r: int, budget: int) -> None:

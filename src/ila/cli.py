@@ -298,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     select.add_argument("--batch-size", type=int, default=4, help="memory estimate: sequences per step (default 4)")
     select.add_argument("--max-length", type=int, default=256, help="memory estimate: tokens per sequence (256)")
+    select.add_argument(
+        "--fsdp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="memory estimate per process under FSDP across N processes (configs/fsdp.yaml; default 1: no FSDP)",
+    )
     select.add_argument("--model", help="model for layer shapes and order (default: the model the ranking names)")
     select.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
     select.add_argument("--output", required=True, help="selection.json to write")
@@ -654,6 +661,7 @@ def _select(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "seq_len": args.max_length,
         "per_type": args.per_type,
+        "fsdp_processes": args.fsdp,
     }
     if args.top is not None:
         try:

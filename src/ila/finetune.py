@@ -195,7 +195,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     device = distributed.local_device() or pick_device(cfg.run.device)  # under a launcher: this process's device
     quantization = _quantization_config(cfg) if cfg.finetune.method == "qlora" else None
     with timings.measure("load model"):
-        loaded = load_model(cfg.model, device, quantization_config=quantization)
+        loaded = load_model(cfg.model, device, quantization, defer=sharding.ram_efficient_loading())
     include_head = cfg.model.include_lm_head or (selection is not None and any(s.block < 0 for s in selection.layers))
     layers = discover_layers(loaded.model, include_head)
     if cfg.run.gradient_checkpointing or sharding.activation_checkpointing():
@@ -215,15 +215,15 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
 
     pad_id = int(loaded.tokenizer.pad_token_id)
     heldout_batches = eval_batches(data.eval, cfg.finetune.batch_size, pad_id)
-    with timings.measure("held-out evaluation"):
-        heldout = [{"step": 0, "loss": heldout_loss(loaded.model, heldout_batches, device)}]
     torch.manual_seed(cfg.run.seed)  # adapter initialisation does not depend on what ran before
     trainable = make_trainable(loaded.model, chosen, cfg, selection.lora_ranks())
     model = trainable.model
-    model.train()
     if sharding.fsdp_enabled():  # FSDP swaps in sharded parameters: collect them again, before the optimizer
         sharding.shard_if_enabled(model)
         trainable.params = [p for p in model.parameters() if p.requires_grad]
+    with timings.measure("held-out evaluation"):  # new adapters start at zero: this is the base model's loss
+        heldout = [{"step": 0, "loss": heldout_loss(model, heldout_batches, device)}]
+    model.train()
     if cfg.run.compile:
         compile_blocks(model)
     optimizer = torch.optim.AdamW(

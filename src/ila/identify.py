@@ -92,7 +92,7 @@ def prepare_inputs(cfg: IdentifyConfig, timings: Timings) -> tuple[LoadedModel, 
     tracking.check_available(cfg.run.report_to)
     device = setup_runtime(cfg)
     with timings.measure("load model"):
-        loaded = load_model(cfg.model, device)
+        loaded = load_model(cfg.model, device, defer=sharding.ram_efficient_loading())
     layers = discover_layers(loaded.model, cfg.model.include_lm_head)
     if cfg.run.gradient_checkpointing or sharding.activation_checkpointing():
         enable_gradient_checkpointing(loaded.model)
@@ -330,8 +330,9 @@ def _execute(
     heldout_batches = eval_batches(data.eval, cfg.stage1.batch_size, pad_id)
     heldout: dict[str, float] = {}
     try:
-        with timings.measure("held-out evaluation"):
-            heldout["base"] = heldout_loss(loaded.model, heldout_batches, device)
+        if not sharding.is_deferred(loaded.model):  # else its weights exist only once sharded, after Stage 1
+            with timings.measure("held-out evaluation"):
+                heldout["base"] = heldout_loss(loaded.model, heldout_batches, device)
         stage1_runs: list[Stage1Result] = []
         stage1_losses: list[float] = []
         groups: list[list[Stage2Result]] = []
@@ -355,6 +356,8 @@ def _execute(
             stage1_runs.append(stage1)
             with timings.measure("held-out evaluation"):
                 stage1_losses.append(heldout_loss(peft_model, heldout_batches, device))
+                if "base" not in heldout:  # mask 0 is the base model
+                    heldout["base"] = _mask_loss(peft_model, layers, set(), heldout_batches, device)
             adapter = "final" if repeat == 0 else f"final-{repeat}"
             first = repeat * cfg.stage2.repeats
             groups.append(_stage2_runs(cfg, loaded, peft_model, layers, data, timings, adapter, stage2_dir, first))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,14 +74,39 @@ def attach_lora(
     """Wrap `model` with LoRA on exactly `layers` (PEFT's own init: A random, B zero, so the start is θ0), at
     `ranks` where given."""
     config = lora_config_for(layers, settings, fan_in_fan_out=uses_conv1d(model, layers), ranks=ranks)
-    with warnings.catch_warnings():  # PEFT warns about fan_in_fan_out for Conv1D even when we set it
+    with warnings.catch_warnings(), _adapters_off_meta(model):  # PEFT warns about fan_in_fan_out for Conv1D
         warnings.simplefilter("ignore", UserWarning)
         return get_peft_model(model, config)  # type: ignore[return-value]
 
 
+@contextmanager
+def _adapters_off_meta(model: nn.Module) -> Iterator[None]:
+    """Attach adapters with their initial values while the base weights are on the meta device (FSDP's
+    RAM-efficient loading). PEFT puts a new adapter on its base layer's device, which on meta would discard the
+    values a fully loaded model gets from the same seed; so each meta weight is stood in for by a CPU tensor of
+    its shape backed by one element, and put back (with the frozen state PEFT gave its stand-in) afterwards."""
+    swapped = [
+        (module, name, param, nn.Parameter(torch.empty((), dtype=param.dtype).expand(param.shape)))
+        for module in model.modules()
+        for name, param in module.named_parameters(recurse=False)
+        if param.is_meta
+    ]
+    for module, name, _, stand_in in swapped:
+        setattr(module, name, stand_in)
+    try:
+        yield
+    finally:
+        for module, name, param, stand_in in swapped:
+            setattr(module, name, param.requires_grad_(stand_in.requires_grad))
+
+
 def load_lora(model: PreTrainedModel, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
     """Load a saved PEFT adapter onto the base model."""
-    with warnings.catch_warnings(), reading(adapter_dir, "a PEFT adapter trained on this model"):
+    with (
+        warnings.catch_warnings(),
+        reading(adapter_dir, "a PEFT adapter trained on this model"),
+        _adapters_off_meta(model),
+    ):
         warnings.simplefilter("ignore", UserWarning)
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)  # type: ignore[return-value]
 

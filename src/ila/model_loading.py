@@ -157,12 +157,16 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
 
 
 def load_model(
-    cfg: ModelConfig, device: torch.device | None = None, quantization_config: Any | None = None
+    cfg: ModelConfig,
+    device: torch.device | None = None,
+    quantization_config: Any | None = None,
+    defer: bool = False,
 ) -> LoadedModel:
     """Load model and tokenizer for training on `device`; every failure becomes one IlaError line.
 
     With a `quantization_config` (QLoRA's 4-bit BitsAndBytesConfig) the weights are quantized while loading and
-    placed on `device` by transformers.
+    placed on `device` by transformers. With `defer` (FSDP's RAM-efficient loading) the model is built on the
+    meta device, weightless; `sharding.shard` fills each process's shards from the checkpoint.
     """
     device = device or pick_device("auto")
     path, is_local = resolve_model_path(cfg.name)
@@ -190,6 +194,13 @@ def load_model(
             f"unsupported architecture for a causal LM: {config.model_type} ({cfg.name}); ila needs a model "
             "transformers can load with AutoModelForCausalLM"
         )
+    if defer and quantization_config is None:
+        model = _weightless(config, dtype, cfg.trust_remote_code)
+        sharding.defer(model, Path(path) if is_local else _download_weights(path, cfg.revision))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        fingerprint = fingerprint_model_files(Path(path)) if is_local else f"hub:{path}@{cfg.revision or 'main'}"
+        return LoadedModel(model, tokenizer, cfg.name, path, fingerprint, device)
     weights = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin")) if is_local else []
     with reading(weights[0] if len(weights) == 1 else path, "the weights of a causal LM"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None, **placement, **common)
@@ -199,6 +210,32 @@ def load_model(
         model.to(device)  # type: ignore[arg-type]
     fingerprint = fingerprint_model_files(Path(path)) if is_local else f"hub:{path}@{cfg.revision or 'main'}"
     return LoadedModel(model, tokenizer, cfg.name, path, fingerprint, device)
+
+
+def _weightless(config: Any, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    """The model with its parameters on the meta device and its buffers (rotary tables) built on the CPU."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_pretrained ties the head to the embeddings while loading; from_config does not
+    return model  # type: ignore[no-any-return]
+
+
+def _download_weights(repo: str, revision: str | None) -> Path:
+    """A hub model's safetensors files in the local cache: the main process downloads, the others wait."""
+    from huggingface_hub import snapshot_download
+
+    from ila import distributed
+
+    patterns = ["*.safetensors", "*.json"]
+    try:
+        if distributed.is_main():
+            snapshot_download(repo, revision=revision, allow_patterns=patterns)
+        distributed.barrier()
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except OSError as err:
+        raise IlaError(f"could not fetch the weights of {repo} for sharded loading: {_first_line(err)}") from None
 
 
 def load_model_skeleton(cfg: ModelConfig) -> PreTrainedModel:

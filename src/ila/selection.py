@@ -35,6 +35,7 @@ BudgetMethod = Literal["lora", "qlora", "full"]
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 34  # per block at 16-bit (Korthikanti et al. 2022, no attention-score term)
 QLORA_BYTES_PER_WEIGHT = 0.52  # NF4: 4 bits plus double-quantised block constants
 ADAM_FP32_BYTES = 8  # Adam's two moments in fp32
+FP32_BYTES = 4
 LORA_BYTES_PER_PARAM = 16  # fp32 adapter weight, gradient and Adam's two moments
 
 
@@ -59,6 +60,7 @@ class SelectionRule:
     weight_bytes: float = 2.0  # memory estimate: bf16 weights, ila's default on CUDA
     per_type: bool = False
     rank_choices: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # lora_ranks: the ranks a layer can get
+    fsdp_processes: int = 1  # memory estimate: per process under FSDP across this many processes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rank_choices", tuple(sorted(set(self.rank_choices))))  # a JSON list when loaded
@@ -73,6 +75,10 @@ class SelectionRule:
             )
         if self.batch_size < 1 or self.seq_len < 1:
             raise IlaError("the memory estimate needs batch size and sequence length >= 1")
+        if self.fsdp_processes < 1:
+            raise IlaError(f"fsdp processes={self.fsdp_processes} must be >= 1")
+        if self.fsdp_processes > 1 and self.method == "qlora":
+            raise IlaError("QLoRA does not run under FSDP in ila; estimate --method lora or full with --fsdp")
         if self.per_type and self.kind == "memory_budget":
             raise IlaError(
                 "per-type selection does not apply to a memory budget (memory is not a sum over module types); "
@@ -217,7 +223,10 @@ class Selection:
                 f"{self.backward_blocks} blocks"
             )
         if self.memory_estimate:
-            parts.append(f"estimated training memory ({self.rule.method}): {self.memory_estimate['total_gb']:.3g} GB")
+            where = f" per process, FSDP x{self.rule.fsdp_processes}" if self.rule.fsdp_processes > 1 else ""
+            parts.append(
+                f"estimated training memory ({self.rule.method}{where}): {self.memory_estimate['total_gb']:.3g} GB"
+            )
         return "; ".join(parts)
 
 
@@ -269,23 +278,29 @@ def estimate_training_memory(
       attention scores that SDPA/flash attention do not store), only for blocks from the lowest selected block up,
       because the backward pass stops there (the depth cost); no gradient checkpointing;
     - logits: b·s·vocab in fp32, and their gradient.
+
+    Under FSDP across `rule.fsdp_processes` = N processes, per process, as ila runs it (configs/fsdp.yaml): fp32
+    master weights, gradients and Adam state sharded N ways; two blocks gathered whole at `rule.weight_bytes` (the
+    one computing and the one prefetched); activations and logits of the process's b/N rows. Loading adds
+    nothing: each process fills only its shards (fsdp_cpu_ram_efficient_loading).
     Not counted: framework overhead, allocator fragmentation, CUDA context. Measure the real peak with
-    `ila finetune` (manifest: peak_cuda_gb).
+    `ila finetune` (manifest: peak_cuda_gb); benchmarks/memory_check.py compares the two on a CPU.
     """
     gb = 1024**3
+    n = rule.fsdp_processes
     linear = sum(layer.n_params for layer in shapes.layers if layer.block >= 0)
     per_linear = QLORA_BYTES_PER_WEIGHT if rule.method == "qlora" else rule.weight_bytes
-    weights = (shapes.total_params - linear) * rule.weight_bytes + linear * per_linear
+    master = FP32_BYTES if n > 1 else rule.weight_bytes  # FSDP keeps fp32 master weights and gradients
+    weights = ((shapes.total_params - linear) * master + linear * (master if n > 1 else per_linear)) / n
     if rule.method == "full":
-        state = sum(layer.n_params for layer in selected) * (rule.weight_bytes + ADAM_FP32_BYTES)
+        state = sum(layer.n_params for layer in selected) * (master + ADAM_FP32_BYTES) / n
     else:
         r = ranks or {}
-        state = (
-            sum(lora_param_count(layer, r.get(layer.name, rule.lora_r)) for layer in selected) * LORA_BYTES_PER_PARAM
-        )
+        lora = sum(lora_param_count(layer, r.get(layer.name, rule.lora_r)) for layer in selected)
+        state = lora * LORA_BYTES_PER_PARAM / n
     blocks = [layer.block for layer in selected if layer.block >= 0]
     depth = shapes.n_blocks - min(blocks) if blocks else 0
-    tokens = rule.batch_size * rule.seq_len
+    tokens = -(-rule.batch_size // n) * rule.seq_len  # this process's rows
     activations = depth * ACTIVATION_BYTES_PER_TOKEN_HIDDEN * tokens * shapes.hidden_size * rule.weight_bytes / 2
     logits = 2 * tokens * shapes.vocab_size * 4 if selected else 0
     out = {
@@ -294,6 +309,12 @@ def estimate_training_memory(
         "activations_gb": activations / gb,
         "logits_gb": logits / gb,
     }
+    if n > 1:
+        per_block: dict[int, int] = {}
+        for layer in shapes.layers:
+            per_block[layer.block] = per_block.get(layer.block, 0) + layer.n_params
+        biggest = max((size for block, size in per_block.items() if block >= 0), default=0)
+        out["gathered_blocks_gb"] = 2 * biggest * rule.weight_bytes / gb
     out["total_gb"] = sum(out.values())
     return out
 
@@ -497,7 +518,7 @@ def select(
         if fixed >= value:
             raise IlaError(
                 f"memory budget {value:g} GB is below the frozen model alone ({fixed:.3g} GB of weights "
-                f"at {rule.weight_bytes:g} bytes each)"
+                + (f"at {rule.weight_bytes:g} bytes each)" if rule.fsdp_processes == 1 else "per FSDP process)")
             )
 
         def memory(trial: list[LayerScore]) -> float:

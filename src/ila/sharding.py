@@ -11,13 +11,20 @@ sharded gradients by the number of processes (`sum_sharded_gradients`) to get th
 Everything that reads a sharded tensor (the stability check, checkpoints, adapter saving) goes through `full`,
 a collective: every process calls it in the same order, which holds because all processes run the same steps.
 DeepSpeed is refused with a clear message; FSDP is the supported sharding.
+
+With the config's `fsdp_cpu_ram_efficient_loading: true` no process ever holds the whole model: every process
+builds it on the meta device (`defer`), adapters are attached there, and `shard` allocates only this process's
+shards and fills each from its own rows of the safetensors files (memory-mapped: only those rows are read). No
+collective is needed and a process's peak is its shards plus one tensor's rows in flight.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +55,32 @@ def check_launch() -> None:
 def fsdp_enabled() -> bool:
     """True under an FSDP launch with more than one process."""
     return _env_flag("ACCELERATE_USE_FSDP") and distributed.world_size() > 1
+
+
+def ram_efficient_loading() -> bool:
+    """The FSDP config's fsdp_cpu_ram_efficient_loading: build on the meta device, fill the shards from disk."""
+    return fsdp_enabled() and _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
+
+
+# models built on the meta device whose weights `shard` fills, with the folder of their safetensors files
+_DEFERRED: weakref.WeakKeyDictionary[nn.Module, Path] = weakref.WeakKeyDictionary()
+
+
+def defer(model: nn.Module, weights: Path) -> None:
+    """Mark a meta-device model: `shard` fills its shards from the safetensors files in `weights`."""
+    if not any(weights.glob("*.safetensors")):
+        raise IlaError(
+            f"fsdp_cpu_ram_efficient_loading needs the weights as safetensors files; {weights} has none "
+            "(convert the checkpoint, or set fsdp_cpu_ram_efficient_loading: false)"
+        )
+    _DEFERRED[model] = weights
+
+
+def is_deferred(model: nn.Module) -> bool:
+    """True while a model built by `defer` has no weights yet (until `shard`)."""
+    from ila.lora_adapters import unwrap
+
+    return unwrap(model) in _DEFERRED
 
 
 def activation_checkpointing() -> bool:
@@ -83,7 +116,14 @@ def shard(model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
     """Apply FSDP2 to every block, then to the root (embeddings, final norm, head); returns `model` itself."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    from ila.lora_adapters import unwrap
+
     check_dtype(model)
+    weights = _DEFERRED.pop(unwrap(model), None)
+    # what exists before sharding (adapter factors, restored on every process from the same seed) and the
+    # buffers (rotary tables, built on the CPU): to_empty below allocates every shard afresh
+    present = {name: p.detach().clone() for name, p in model.named_parameters() if not p.is_meta}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     options: dict[str, Any] = {
         "mp_policy": _mixed_precision(),
         "reshard_after_forward": _env_flag("FSDP_RESHARD_AFTER_FORWARD", default=True),
@@ -93,7 +133,100 @@ def shard(model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
         fully_shard(block, **options)
     fully_shard(model, **options)
     log.info("FSDP: %d blocks sharded across %d processes", len(blocks), distributed.world_size())
+    if weights is not None:
+        _fill(model, weights, present, buffers)
     return model
+
+
+def _fill(model: nn.Module, weights: Path, present: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
+    """Allocate this process's shards and fill them: checkpoint tensors from `weights`, the rest from `present`."""
+    device = distributed.local_device() or torch.device("cpu")
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    where = _checkpoint_index(weights)
+    reader = _OneFileAtATime()
+    with torch.no_grad():
+        for name, param in _progress(list(model.named_parameters()), "load shards"):
+            if name in present:
+                copy_full_into(param, present[name])
+                continue
+            key = _checkpoint_key(name, where)
+            local = param.to_local() if is_sharded(param) else param  # type: ignore[attr-defined]
+            rows = _own_rows(param)
+            local.copy_(reader.rows(where[key], key, rows))
+    reader.close()
+    log.info("FSDP: filled this process's shards from %s", weights)
+
+
+def _own_rows(param: torch.Tensor) -> slice:
+    """The rows of a parameter this process holds: FSDP2 shards dim 0 as torch.chunk does (ceil(n / N) rows per
+    process, the last ones shorter or empty)."""
+    n = param.shape[0]
+    if not is_sharded(param):
+        return slice(0, n)
+    from torch.distributed.tensor import Shard
+
+    placements = param.placements  # type: ignore[attr-defined]
+    if len(placements) != 1 or placements[0] != Shard(0):
+        raise IlaError(f"sharded loading expects FSDP's dim-0 sharding, found {placements}")
+    world = param.device_mesh.size()  # type: ignore[attr-defined]
+    per = -(-n // world)
+    start = min(n, param.device_mesh.get_local_rank() * per)  # type: ignore[attr-defined]
+    rows = slice(start, min(n, start + per))
+    held = param.to_local().shape[0]  # type: ignore[attr-defined]
+    if held != rows.stop - rows.start:
+        raise IlaError(f"sharded loading: this process holds {held} rows of a {n}-row tensor, expected {rows}")
+    return rows
+
+
+class _OneFileAtATime:
+    """Reads rows of tensors with one safetensors file mapped at a time; only the pages of those rows are read."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.handle: Any = None
+
+    def rows(self, path: Path, key: str, rows: slice) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if path != self.path:
+            self.close()
+            self.handle, self.path = safe_open(str(path), framework="pt", device="cpu"), path
+        return self.handle.get_slice(key)[rows]  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.handle, self.path = None, None  # dropping the handle unmaps the file
+
+
+def _checkpoint_index(weights: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (headers only)."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for path in sorted(weights.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            where.update(dict.fromkeys(handle.keys(), path))
+    return where
+
+
+def _checkpoint_key(name: str, where: dict[str, Path]) -> str:
+    """The checkpoint's name for a model parameter (PEFT's wrapper prefixes removed)."""
+    plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    for key in (plain, plain.split(".", 1)[-1]):  # also a checkpoint saved from the bare backbone
+        if key in where:
+            return key
+    raise IlaError(
+        f"fsdp_cpu_ram_efficient_loading: the checkpoint has no tensor for {plain}; ila fills shards only from "
+        "checkpoints whose tensor names match the model's parameters (set fsdp_cpu_ram_efficient_loading: false)"
+    )
+
+
+def _progress(items: list[Any], what: str) -> Iterator[Any]:
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, desc=what, unit="tensor", leave=False, disable=None if distributed.is_main() else True)
 
 
 def shard_if_enabled(model: nn.Module) -> nn.Module:
