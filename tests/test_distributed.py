@@ -242,3 +242,20 @@ def test_fsdp_sharded_loading_holds_half_the_model_per_process(tmp_path: Path) -
     assert all(row["load_gb"] > size for row in whole)  # the measurement sees a whole model being loaded
     assert all(row["load_gb"] < 0.75 * size for row in sharded), (size, sharded)
     assert sharded[0]["checksum"] == pytest.approx(whole[0]["checksum"], rel=1e-9)
+
+
+def test_sharded_loading_refuses_what_it_cannot_fill(tmp_path: Path) -> None:
+    """No safetensors files, or a tensor the checkpoint does not name: one line each, before any process loads."""
+    from torch import nn
+
+    from ila import sharding
+    from ila.errors import IlaError
+
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(IlaError, match="needs the weights as safetensors files"):
+        sharding.defer(nn.Linear(2, 2), tmp_path)
+    where = {"model.layers.0.mlp.up_proj.weight": tmp_path / "a.safetensors"}
+    peft_name = "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"
+    assert sharding._checkpoint_key(peft_name, where) == "model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(IlaError, match=r"no tensor for model\.layers\.0\.mlp\.down_proj\.weight"):
+        sharding._checkpoint_key("model.layers.0.mlp.down_proj.weight", where)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -86,12 +87,22 @@ def test_selection_reports_counts_and_depth(llama: tuple[list[Layer], ModelShape
 def test_depth_costs_memory(llama: tuple[list[Layer], ModelShapes]) -> None:
     """Same size, different depth: backward through all blocks stores more activations than through one."""
     layers, shapes = llama
-    rule = SelectionRule("memory_budget", 1.0)
+    rule = SelectionRule("memory_budget", 1.0, method="full")
     first = estimate_training_memory([la for la in layers if la.block == 0], shapes, rule)
     last = estimate_training_memory([la for la in layers if la.block == 3], shapes, rule)
     assert first["trainable_state_gb"] == last["trainable_state_gb"]
     assert first["activations_gb"] == pytest.approx(4 * last["activations_gb"])
     assert first["total_gb"] > last["total_gb"]
+    # LoRA adds each adapted layer's dropout copy of its input and the mask: b·s·in values and bytes
+    lora = estimate_training_memory([la for la in layers if la.block == 3], shapes, replace(rule, method="lora"))
+    tokens = rule.batch_size * rule.seq_len
+    extra = sum(la.in_features for la in layers if la.block == 3) * tokens * (rule.weight_bytes + 1) / 1024**3
+    assert lora["activations_gb"] - last["activations_gb"] == pytest.approx(extra)
+    no_dropout = replace(rule, method="lora", lora_dropout=0.0)
+    assert (
+        estimate_training_memory([la for la in layers if la.block == 3], shapes, no_dropout)["activations_gb"]
+        == (last["activations_gb"])
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -299,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--batch-size", type=int, default=4, help="memory estimate: sequences per step (default 4)")
     select.add_argument("--max-length", type=int, default=256, help="memory estimate: tokens per sequence (256)")
     select.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.05,
+        help="memory estimate: LoRA dropout (default 0.05, ila's; with 0 the adapters keep no input copies)",
+    )
+    select.add_argument(
         "--fsdp",
         type=int,
         default=1,
@@ -662,6 +668,7 @@ def _select(args: argparse.Namespace) -> int:
         "seq_len": args.max_length,
         "per_type": args.per_type,
         "fsdp_processes": args.fsdp,
+        "lora_dropout": args.lora_dropout,
     }
     if args.top is not None:
         try:

@@ -61,6 +61,7 @@ class SelectionRule:
     per_type: bool = False
     rank_choices: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # lora_ranks: the ranks a layer can get
     fsdp_processes: int = 1  # memory estimate: per process under FSDP across this many processes
+    lora_dropout: float = 0.05  # memory estimate: with dropout each LoRA layer copies its input (ila's default)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rank_choices", tuple(sorted(set(self.rank_choices))))  # a JSON list when loaded
@@ -277,6 +278,9 @@ def estimate_training_memory(
     - activations kept for backward: 34·b·s·h bytes per block at 16 bits (Korthikanti et al. 2022, without the
       attention scores that SDPA/flash attention do not store), only for blocks from the lowest selected block up,
       because the backward pass stops there (the depth cost); no gradient checkpointing;
+    - LoRA with dropout (`rule.lora_dropout` > 0, ila's default 0.05): each adapted layer keeps its own dropout
+      copy of its input and the mask (b·s·in values and bytes; q, k and v each copy the same input); without
+      dropout the adapter reads the input the block keeps anyway;
     - logits: b·s·vocab in fp32, and their gradient.
 
     Under FSDP across `rule.fsdp_processes` = N processes, per process, as ila runs it (configs/fsdp.yaml): fp32
@@ -302,6 +306,8 @@ def estimate_training_memory(
     depth = shapes.n_blocks - min(blocks) if blocks else 0
     tokens = -(-rule.batch_size // n) * rule.seq_len  # this process's rows
     activations = depth * ACTIVATION_BYTES_PER_TOKEN_HIDDEN * tokens * shapes.hidden_size * rule.weight_bytes / 2
+    if rule.method != "full" and rule.lora_dropout > 0:  # LoRA dropout's input copy and mask, per adapted layer
+        activations += sum(layer.in_features for layer in selected) * tokens * (rule.weight_bytes + 1)
     logits = 2 * tokens * shapes.vocab_size * 4 if selected else 0
     out = {
         "weights_gb": weights / gb,
