@@ -118,6 +118,8 @@ def test_two_processes_match_one(
     hardware = json.loads((out / "manifest.json").read_text())["hardware"]
     assert hardware["processes"] == 2
     assert hardware["parallelism"] == {"ddp": "data parallel", "fsdp": "fsdp", "fsdp-whole": "fsdp"}[launcher]
+    loading = {"fsdp": "shards from disk", "fsdp-whole": "whole model per process"}
+    assert hardware.get("fsdp_loading") == loading.get(launcher)
     # the base model's held-out loss, measured through the sharded model when the weights arrive only there
     base = [
         json.loads((run / "ranking.json").read_text())["info"]["heldout_loss"]["base"] for run in (single_process, out)

@@ -202,6 +202,8 @@ def hardware() -> dict[str, Any]:
         "processes": distributed.world_size(),
         "parallelism": "fsdp" if sharding.fsdp_enabled() else "data parallel" if distributed.launched() else "none",
     }
+    if sharding.fsdp_enabled():  # each process filled its own shards from disk, or loaded the whole model first
+        info["fsdp_loading"] = "shards from disk" if sharding.ram_efficient_loading() else "whole model per process"
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
