@@ -120,10 +120,12 @@ def shard(model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
 
     check_dtype(model)
     weights = _DEFERRED.pop(unwrap(model), None)
-    # what exists before sharding (adapter factors, restored on every process from the same seed) and the
-    # buffers (rotary tables, built on the CPU): to_empty below allocates every shard afresh
-    present = {name: p.detach().clone() for name, p in model.named_parameters() if not p.is_meta}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    present: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    if weights is not None:  # keep what exists before sharding (adapter factors, identical on every process from
+        # the same seed, and the buffers such as rotary tables): to_empty in _fill allocates every shard afresh
+        present = {name: p.detach().clone() for name, p in model.named_parameters() if not p.is_meta}
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     options: dict[str, Any] = {
         "mp_policy": _mixed_precision(),
         "reshard_after_forward": _env_flag("FSDP_RESHARD_AFTER_FORWARD", default=True),
