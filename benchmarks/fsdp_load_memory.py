@@ -11,7 +11,7 @@ Measured, not estimated. `tests/test_distributed.py` runs it small and asserts t
     python benchmarks/fsdp_load_memory.py --params 300e6            # prints a markdown table
     python benchmarks/fsdp_load_memory.py --params 60e6 --json      # one JSON object
 
-Worker mode (what each launched process runs): --worker MODEL_DIR.
+Worker mode (what each launched process runs): --worker MODEL_DIR --reports DIR.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 from statistics import median
+
+from ila.run_folder import resident_gb
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -68,8 +70,9 @@ def _word_tokenizer() -> object:
     return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
 
 
-def worker(model_dir: Path) -> None:
-    """Load and shard the way `ila identify` does; print this process's load peak as one JSON line."""
+def worker(model_dir: Path, reports: Path) -> None:
+    """Load and shard the way `ila identify` does; write this process's load peak to reports/rank-N.json (a file
+    per process: the processes share stdout, where their lines can interleave)."""
     import torch
 
     from ila import distributed, sharding
@@ -80,7 +83,8 @@ def worker(model_dir: Path) -> None:
     device = distributed.local_device() or torch.device("cpu")
     distributed.barrier()  # the process group exists before the measurement starts
     reset_peak_memory()
-    before = _rss_gb()
+    before = resident_gb()
+    assert before is not None, "this benchmark reads /proc/self/status (Linux only)"
     loaded = load_model(ModelConfig(name=str(model_dir)), device, defer=sharding.ram_efficient_loading())
     sharding.shard_if_enabled(loaded.model)
     # reading every local value also pages in weights that transformers left memory-mapped, as training would
@@ -88,15 +92,7 @@ def worker(model_dir: Path) -> None:
     checksum = distributed.sum_across(sum(float(t.double().sum()) for t in local))
     peak = peak_memory()["peak_rss_gb"]
     report = {"rank": distributed.rank(), "load_gb": peak - before, "checksum": checksum}
-    print("LOAD " + json.dumps(report), flush=True)
-
-
-def _rss_gb() -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024**2
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    (reports / f"rank-{distributed.rank()}.json").write_text(json.dumps(report))
 
 
 def measure(model_dir: Path, ways: dict[str, list[str]] = WAYS) -> dict[str, list[dict[str, float]]]:
@@ -104,16 +100,17 @@ def measure(model_dir: Path, ways: dict[str, list[str]] = WAYS) -> dict[str, lis
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = {}
     for name, launch in ways.items():
-        proc = subprocess.run(
-            [*launch, str(Path(__file__).resolve()), "--worker", str(model_dir)],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode:
-            raise RuntimeError(f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
-        lines = [line.removeprefix("LOAD ") for line in proc.stdout.splitlines() if line.startswith("LOAD ")]
-        out[name] = sorted((json.loads(line) for line in lines), key=lambda r: r["rank"])
+        with tempfile.TemporaryDirectory() as reports:
+            proc = subprocess.run(
+                [*launch, str(Path(__file__).resolve()), "--worker", str(model_dir), "--reports", reports],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode:
+                raise RuntimeError(f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+            found = [json.loads(path.read_text()) for path in Path(reports).glob("rank-*.json")]
+        out[name] = sorted(found, key=lambda r: r["rank"])
     return out
 
 
@@ -123,9 +120,10 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=50, help="size of each checkpoint file")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--reports", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.reports)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         size = build(folder, args.params, args.shard_mb)

@@ -32,6 +32,7 @@ from finetune_benchmark import BATCH, MEMORY_STEPS, SEED, make_trainee, rss_peak
 from ila.config import DataConfig, LoraSettings, ModelConfig
 from ila.layers import Layer, discover_layers
 from ila.model_loading import load_model, load_model_skeleton, resolve_model_path
+from ila.run_folder import resident_gb
 from ila.selection import ModelShapes, SelectionRule, estimate_training_memory
 from ila.sft_data import load_sft_data
 
@@ -50,7 +51,8 @@ def chosen_layers(layers: list[Layer], n_blocks: int, which: str) -> list[Layer]
 
 def child(model: str, method: str, which: str) -> None:
     """Subprocess body: RSS before loading, then load, train, peak; one JSON line."""
-    before = _rss_gb()
+    before = resident_gb()
+    assert before is not None, "this benchmark reads /proc/self/status (Linux only)"
     loaded = load_model(ModelConfig(name=model, dtype="float32"))
     data = load_sft_data(DataConfig(), loaded.tokenizer, SEED)
     batches = widest_batches(data, int(loaded.tokenizer.pad_token_id), MEMORY_STEPS)
@@ -70,13 +72,6 @@ def estimate(shapes: ModelShapes, method: str, which: str, width: int) -> float:
         "all", method=method, lora_r=LoraSettings().r, batch_size=BATCH, seq_len=width, weight_bytes=4.0
     )  # type: ignore[arg-type]
     return estimate_training_memory(layers, shapes, rule)["total_gb"]
-
-
-def _rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024**2
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def big_config(params: float) -> Any:

@@ -182,15 +182,26 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def resident_gb() -> float | None:
+    """This process's resident memory now (Linux's VmRSS), in GB; None where /proc is not available."""
+    kib = _status_kib("VmRSS:")
+    return None if kib is None else kib / 1024**2
+
+
 def _high_water_kib() -> float:
+    kib = _status_kib("VmHWM:")
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) if kib is None else kib  # KiB on Linux
+
+
+def _status_kib(field: str) -> float | None:
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return float(line.split()[1])
     except OSError:
         pass
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    return None
 
 
 def hardware() -> dict[str, Any]:
