@@ -18,17 +18,19 @@ from ila.errors import IlaError
 from ila.evaluation import (
     EVAL_FILE,
     SAMPLES_FILE,
+    example_losses,
     judge_messages,
-    mean_loss_stderr,
     pairwise_judge,
     parse_verdict,
     perplexity,
     perplexity_stderr,
     resolve_adapter,
     run_evaluate,
+    token_mean_stderr,
 )
 from ila.layers import discover_layers
 from ila.lora_adapters import attach_lora, lora_factors
+from ila.sft_data import IGNORE_INDEX, Example
 
 
 def make_config(model_dir: Path, data: Path, output: Path | None = None, **evaluate: object) -> EvaluateConfig:
@@ -95,16 +97,41 @@ def test_perplexity_is_exp_of_loss() -> None:
 def test_sft_stderr_matches_a_hand_computation() -> None:
     # equal answer lengths: the token-weighted mean is the mean of the per-example losses 1, 2, 3, 6, and its
     # standard error is their sample sd / sqrt(4) = sqrt((4 + 1 + 0 + 9) / 3) / 2
-    loss, stderr = mean_loss_stderr([2.0, 4.0, 6.0, 12.0], [2, 2, 2, 2])
+    loss, stderr = token_mean_stderr([2.0, 4.0, 6.0, 12.0], [2, 2, 2, 2])
     assert loss == 3.0
     assert stderr == pytest.approx(math.sqrt(14 / 3) / 2)
     # unequal lengths, examples as the units: L = (2 + 3) / (1 + 3) = 1.25; residuals s_i - L n_i = 0.75, -0.75;
     # variance 2/(2-1) * (0.75^2 + 0.75^2) / 4^2 = 0.140625, so the error is 0.375 (not a per-token sd/sqrt(4))
-    loss, stderr = mean_loss_stderr([2.0, 3.0], [1, 3])
+    loss, stderr = token_mean_stderr([2.0, 3.0], [1, 3])
     assert loss == 1.25 and stderr == pytest.approx(0.375)
     assert perplexity_stderr(1.25, 0.375) == pytest.approx(math.exp(1.25) * 0.375)  # delta method
-    assert mean_loss_stderr([2.0], [4]) == (0.5, None)  # one example: no spread to measure
+    assert token_mean_stderr([2.0], [4]) == (0.5, None)  # one example: no spread to measure
     assert perplexity_stderr(1.0, None) is None
+
+
+class _Echo(torch.nn.Module):
+    """A planted model: its most likely next token is always the current one (a logit of 5 on it, 0 elsewhere)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+        logits = 5.0 * torch.nn.functional.one_hot(input_ids, 8).float()
+        return type("Output", (), {"logits": logits})()
+
+
+def test_token_accuracy_counts_the_answer_tokens_predicted_right() -> None:
+    # the echo model is right exactly where an answer token repeats the token before it
+    x = IGNORE_INDEX
+    examples = [
+        Example([1, 2, 2, 2, 3], [x, x, 2, 2, 3]),  # answer 2, 2, 3 after 2, 2, 2: two right of three
+        Example([4, 5, 6], [x, 5, 6]),  # none right
+        Example([7, 7, 7, 7, 7, 7], [x, x, x, x, 7, 7]),  # both right; the prompt's repeats do not count
+    ]
+    found = example_losses(_Echo(), examples, batch_size=2, pad_id=0, device=torch.device("cpu"))
+    assert [(e.tokens, e.correct) for e in found] == [(3, 2), (2, 0), (2, 2)]
+    # each right token costs -log(e^5 / (e^5 + 7)), each wrong one -log(1 / (e^5 + 7))
+    right, wrong = -math.log(math.exp(5) / (math.exp(5) + 7)), math.log(math.exp(5) + 7)
+    assert [e.nll_sum for e in found] == pytest.approx([2 * right + wrong, 2 * wrong, 2 * right])
+    accuracy, stderr = token_mean_stderr([float(e.correct) for e in found], [e.tokens for e in found])
+    assert accuracy == pytest.approx(4 / 7) and stderr is not None and stderr > 0
 
 
 def test_zero_b_adapter_gives_the_base_loss_exactly(
@@ -303,8 +330,12 @@ def test_log_samples_and_the_report_show_standard_errors(
     assert sorted(r["doc_id"] for r in logged_mmlu) == list(range(5)) and all("acc" in r for r in logged_mmlu)
     assert saved["samples"] == {"file": SAMPLES_FILE, "records": {"sft": len(sft), "mmlu": 5}}
     # eval.json's loss and its error are those of the logged per-example losses
-    loss, stderr = mean_loss_stderr([r["nll_sum"] for r in sft], [r["tokens"] for r in sft])
+    loss, stderr = token_mean_stderr([r["nll_sum"] for r in sft], [r["tokens"] for r in sft])
     assert saved["sft"]["loss"] == pytest.approx(loss) and saved["sft"]["loss_stderr"] == pytest.approx(stderr)
+    accuracy, accuracy_stderr = token_mean_stderr([r["correct"] for r in sft], [r["tokens"] for r in sft])
+    assert saved["sft"]["token_accuracy"] == pytest.approx(accuracy)
+    assert saved["sft"]["token_accuracy_stderr"] == pytest.approx(accuracy_stderr)
+    assert "next-token accuracy" in printed
     assert sum(r["acc"] for r in logged_mmlu) / 5 == pytest.approx(saved["benchmarks"]["mmlu"]["score"])
 
     assert main(["-q", "report", str(out), "--output", str(tmp_path / "report")]) == 0

@@ -91,6 +91,7 @@ def evaluated(folder: Path, loss: float, loss_stderr: float | None, acc: float, 
     mmlu = {"task": "ila_mmlu", "metric": "acc,none", "score": acc, "num_fewshot": 0}
     if loss_stderr is not None:  # written by `ila evaluate` since standard errors
         sft |= {"loss_stderr": loss_stderr, "perplexity_stderr": sft["perplexity"] * loss_stderr}
+        sft |= {"token_accuracy": 1.0 - loss / 5, "token_accuracy_stderr": loss_stderr}
         mmlu |= {"score_stderr": acc_stderr, "label": "mmlu (ila 0-shot prompt)", "description": "ila's own prompt"}
     write_json(folder / "manifest.json", {"kind": "evaluate", "status": "complete"})
     write_json(folder / "eval.json", {"kind": "evaluate", "sft": sft, "benchmarks": {"mmlu": mmlu}})
@@ -120,6 +121,8 @@ def test_report_marks_differences_smaller_than_their_error(tmp_path: Path) -> No
         "0.260",
     ]
     assert rows["close"]["perplexity"].endswith(CLOSE) and not rows["far"]["perplexity"].endswith(CLOSE)
+    accuracy = [rows[name]["next-token accuracy"] for name in ("base", "close", "far", "old")]
+    assert accuracy == ["0.5000 ± 0.0300", f"0.4940 ± 0.0300 {CLOSE}", "0.6000 ± 0.0300", "-"]
     markdown = (report.run_dir / "report.md").read_text()
     assert markdown.count(STDERR_LEGEND) == 1
     assert f"- **{mmlu}**: ila's own prompt." in markdown

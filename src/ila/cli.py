@@ -888,7 +888,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"output folder: {result.run_dir}")
     print(
         f"SFT loss ({sft.split}: {sft.examples} examples, {sft.target_tokens:,} answer tokens): "
-        f"{plus_minus(sft.loss, sft.loss_stderr, 4)}, perplexity {plus_minus(sft.perplexity, sft.perplexity_stderr, 3)}"
+        f"{plus_minus(sft.loss, sft.loss_stderr, 4)}, "
+        f"perplexity {plus_minus(sft.perplexity, sft.perplexity_stderr, 3)}, "
+        f"next-token accuracy {plus_minus(sft.token_accuracy, sft.token_accuracy_stderr, 4)}"
     )
     for name, bench in result.benchmarks.items():
         score = plus_minus(bench["score"], bench.get("score_stderr"), 4)

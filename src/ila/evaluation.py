@@ -143,11 +143,13 @@ def load_for_evaluation(
 
 @dataclass(frozen=True)
 class ExampleLoss:
-    """One scored example: the summed cross-entropy of its answer tokens and how many there are."""
+    """One scored example: the summed cross-entropy of its answer tokens, how many there are, and how many of them
+    the model's most likely next token gets right."""
 
     index: int  # position among the evaluated examples (held-out ones first, in the data's seeded order)
     nll_sum: float
     tokens: int
+    correct: int = 0
 
     @property
     def loss(self) -> float | None:
@@ -156,7 +158,8 @@ class ExampleLoss:
 
 @dataclass(frozen=True)
 class SftMetrics:
-    """Token-weighted mean SFT loss (assistant tokens) and its perplexity on one split of the data, with errors."""
+    """Token-weighted mean SFT loss (assistant tokens), its perplexity and the next-token accuracy on the answer
+    tokens (greedy prediction = the data's token) on one split of the data, with standard errors."""
 
     split: str
     loss: float
@@ -167,6 +170,8 @@ class SftMetrics:
     sha256: str
     loss_stderr: float | None = None
     perplexity_stderr: float | None = None
+    token_accuracy: float | None = None
+    token_accuracy_stderr: float | None = None
     per_example: tuple[ExampleLoss, ...] = field(default=(), repr=False)
 
 
@@ -175,19 +180,20 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def mean_loss_stderr(nll_sums: Sequence[float], tokens: Sequence[int]) -> tuple[float, float | None]:
-    """The token-weighted mean loss L = sum(s_i) / sum(n_i) over examples i, and its standard error.
+def token_mean_stderr(sums: Sequence[float], tokens: Sequence[int]) -> tuple[float, float | None]:
+    """The token-weighted mean L = sum(s_i) / sum(n_i) over examples i (s_i: the example's summed loss, or its
+    count of correctly predicted tokens), and its standard error.
 
     The tokens of one answer are not independent draws, so the examples are the sampled units: the ratio-estimator
     (delta-method) variance m/(m-1) * sum((s_i - L*n_i)^2) / (sum n_i)^2. With equal answer lengths it is the
     familiar sd(per-example loss) / sqrt(m). None with fewer than two examples (no spread to measure).
     """
     total = float(sum(tokens))
-    loss = sum(nll_sums) / max(total, 1.0)
+    loss = sum(sums) / max(total, 1.0)
     m = len(tokens)
     if m < 2 or total == 0:
         return loss, None
-    spread = sum((s - loss * n) ** 2 for s, n in zip(nll_sums, tokens, strict=True))
+    spread = sum((s - loss * n) ** 2 for s, n in zip(sums, tokens, strict=True))
     return loss, math.sqrt(m / (m - 1) * spread) / total
 
 
@@ -201,7 +207,8 @@ def perplexity_stderr(loss: float, loss_stderr: float | None) -> float | None:
 def example_losses(
     model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, device: torch.device
 ) -> list[ExampleLoss]:
-    """Each example's summed answer-token loss, batched as eval_batches batches them (same padding, same numbers).
+    """Each example's summed answer-token loss and its count of answer tokens predicted right (argmax), batched as
+    eval_batches batches them (same padding, same numbers).
 
     training_loop.sft_loss returns only the batch mean, so this takes its plain path (full forward, cross-entropy
     on the assistant tokens) with the per-token losses kept; the result's token-weighted mean is heldout_loss.
@@ -216,8 +223,10 @@ def example_losses(
         keep = targets != IGNORE_INDEX
         nll = torch.zeros(keep.shape, dtype=torch.float64, device=keep.device)
         nll[keep] = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none").double()
-        for row, (total, count) in enumerate(zip(nll.sum(dim=1).tolist(), keep.sum(dim=1).tolist(), strict=True)):
-            found[rows[row]] = ExampleLoss(rows[row], float(total), int(count))
+        right = ((logits.argmax(dim=-1) == targets) & keep).sum(dim=1).tolist()
+        sums = zip(nll.sum(dim=1).tolist(), keep.sum(dim=1).tolist(), right, strict=True)
+        for row, (total, count, hits) in enumerate(sums):
+            found[rows[row]] = ExampleLoss(rows[row], float(total), int(count), int(hits))
     return [found[i] for i in range(len(examples))]
 
 
@@ -233,7 +242,9 @@ def sft_metrics(
     examples = data.eval if cfg.evaluate.split == "heldout" else data.eval + data.train
     pad_id = int(tokenizer.pad_token_id)  # type: ignore[arg-type]
     per_example = example_losses(model, examples, cfg.evaluate.batch_size, pad_id, device)
-    loss, loss_stderr = mean_loss_stderr([e.nll_sum for e in per_example], [e.tokens for e in per_example])
+    tokens = [e.tokens for e in per_example]
+    loss, loss_stderr = token_mean_stderr([e.nll_sum for e in per_example], tokens)
+    accuracy, accuracy_stderr = token_mean_stderr([float(e.correct) for e in per_example], tokens)
     metrics = SftMetrics(
         split=cfg.evaluate.split,
         loss=loss,
@@ -244,6 +255,8 @@ def sft_metrics(
         sha256=data.stats.fingerprint,
         loss_stderr=loss_stderr,
         perplexity_stderr=perplexity_stderr(loss, loss_stderr),
+        token_accuracy=accuracy if sum(tokens) else None,
+        token_accuracy_stderr=accuracy_stderr,
         per_example=tuple(per_example),
     )
     return metrics, examples
@@ -911,9 +924,11 @@ def run_evaluate(
         sft={
             "split": sft.split,
             "loss": sft.loss,
-            "loss_stderr": sft.loss_stderr,  # examples as the sampled units; see mean_loss_stderr
+            "loss_stderr": sft.loss_stderr,  # examples as the sampled units; see token_mean_stderr
             "perplexity": sft.perplexity,
             "perplexity_stderr": sft.perplexity_stderr,  # delta method: perplexity * loss_stderr
+            "token_accuracy": sft.token_accuracy,  # greedy next token = the answer's token, over answer tokens
+            "token_accuracy_stderr": sft.token_accuracy_stderr,
             "examples": sft.examples,
             "target_tokens": sft.target_tokens,
             "data": sft.source,
@@ -940,8 +955,9 @@ def run_evaluate(
 def write_samples(path: Path, sft: SftMetrics, benchmarks: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
     """eval_samples.jsonl: one JSON line per scored sample, tagged with its source ("sft" or the benchmark name).
 
-    SFT lines carry each example's loss (mean over its answer tokens), nll_sum and tokens, from which eval.json's
-    loss and loss_stderr can be recomputed (or a paired comparison of two runs on the same examples made).
+    SFT lines carry each example's loss (mean over its answer tokens), nll_sum, tokens and correct (answer tokens
+    predicted right), from which eval.json's loss, token accuracy and their standard errors can be recomputed (or
+    a paired comparison of two runs on the same examples made).
     Benchmark lines are lm-eval's own records (doc, arguments, responses, metrics), one per document and filter.
     Returns the number of lines per source.
     """

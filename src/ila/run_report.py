@@ -54,6 +54,8 @@ class RunSummary:
     eval_loss_stderr: float | None = None  # None: an eval.json from before standard errors
     eval_perplexity: float | None = None
     eval_perplexity_stderr: float | None = None
+    eval_token_accuracy: float | None = None  # None: an eval.json from before next-token accuracy
+    eval_token_accuracy_stderr: float | None = None
     benchmarks: dict[str, float | None] = field(default_factory=dict)  # by column label; the judge's win rate too
     benchmark_stderrs: dict[str, float | None] = field(default_factory=dict)
     benchmark_notes: dict[str, str] = field(default_factory=dict)  # column -> what it is, for ila's own prompts
@@ -163,6 +165,8 @@ def read_run(folder: str | Path) -> RunSummary:
         run.eval_loss_stderr = _number(_dig(evaluation, "sft", "loss_stderr"))
         run.eval_perplexity = _number(_dig(evaluation, "sft", "perplexity"))
         run.eval_perplexity_stderr = _number(_dig(evaluation, "sft", "perplexity_stderr"))
+        run.eval_token_accuracy = _number(_dig(evaluation, "sft", "token_accuracy"))
+        run.eval_token_accuracy_stderr = _number(_dig(evaluation, "sft", "token_accuracy_stderr"))
         benchmarks = _dig(evaluation, "benchmarks")
         if isinstance(benchmarks, dict):
             for name, entry in benchmarks.items():
@@ -238,6 +242,7 @@ def table_rows(runs: Sequence[RunSummary]) -> list[dict[str, str]]:
     bench_names = list(dict.fromkeys(name for r in runs for name in r.benchmarks))
     eval_loss = _with_errors([(r.eval_loss, r.eval_loss_stderr) for r in runs], 4)
     eval_ppl = _with_errors([(r.eval_perplexity, r.eval_perplexity_stderr) for r in runs], 2)
+    eval_accuracy = _with_errors([(r.eval_token_accuracy, r.eval_token_accuracy_stderr) for r in runs], 4)
     bench = {
         name: _with_errors([(r.benchmarks.get(name), r.benchmark_stderrs.get(name)) for r in runs], 3)
         for name in bench_names
@@ -261,6 +266,7 @@ def table_rows(runs: Sequence[RunSummary]) -> list[dict[str, str]]:
         row["held-out loss"] = _fmt(run.heldout_loss)
         row["eval loss"] = eval_loss[index]
         row["perplexity"] = eval_ppl[index]
+        row["next-token accuracy"] = eval_accuracy[index]
         for name in bench_names:
             row[name] = bench[name][index]
         rows.append(row)
@@ -269,7 +275,8 @@ def table_rows(runs: Sequence[RunSummary]) -> list[dict[str, str]]:
 
 def legend(runs: Sequence[RunSummary]) -> list[str]:
     """The lines explaining ± and the mark (when a run has a standard error) and ila's own benchmark prompts."""
-    errors = [e for r in runs for e in (r.eval_loss_stderr, r.eval_perplexity_stderr, *r.benchmark_stderrs.values())]
+    sft_errors = [(r.eval_loss_stderr, r.eval_perplexity_stderr, r.eval_token_accuracy_stderr) for r in runs]
+    errors = [e for sft, r in zip(sft_errors, runs, strict=True) for e in (*sft, *r.benchmark_stderrs.values())]
     lines = [STDERR_LEGEND] if any(e is not None for e in errors) else []
     notes: dict[str, str] = {}
     for run in runs:
@@ -296,7 +303,9 @@ def report_markdown(runs: Sequence[RunSummary], plot_name: str | None = "report.
         "",
         "- **held-out loss**: the SFT loss on the run's held-out examples after training (identify: the Stage-1 "
         "LoRA model; finetune: the last evaluation); **base loss**: the same before training.",
-        "- **eval loss / perplexity / benchmarks**: from `eval.json` (`ila evaluate`) when the folder holds one.",
+        "- **eval loss / perplexity / next-token accuracy / benchmarks**: from `eval.json` (`ila evaluate`) when the "
+        "folder holds one; next-token accuracy is the share of answer tokens the model's most likely next token gets "
+        "right.",
         "- **median step** (identify: Stage 1) and its ratio to the first run that has one: shared machines make "
         "single step times noisy, so compare runs measured side by side.",
         *legend(runs),
