@@ -10,6 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+EXIT_USER_ERROR = 2  # every IlaError, usage error and refused input
+EXIT_NO_INFORMATION = 3  # the run finished, but its ranking carries no information (every score equal)
+
 
 class IlaError(Exception):
     """A user-facing error: the message says what was wrong, where, and what is allowed."""
