@@ -85,10 +85,10 @@ def worker(model_dir: Path, reports: Path) -> None:
     reset_peak_memory()
     before = resident_gb()
     assert before is not None, "this benchmark reads /proc/self/status (Linux only)"
-    loaded = load_model(ModelConfig(name=str(model_dir)), device, defer=sharding.ram_efficient_loading())
+    loaded = load_model(ModelConfig(name=str(model_dir)), device, defer=distributed.ram_efficient_loading())
     sharding.shard_if_enabled(loaded.model)
     # reading every local value also pages in weights that transformers left memory-mapped, as training would
-    local = [p.to_local() if sharding.is_sharded(p) else p for p in loaded.model.parameters()]
+    local = [p.to_local() if distributed.is_sharded(p) else p for p in loaded.model.parameters()]
     checksum = distributed.sum_across(sum(float(t.double().sum()) for t in local))
     peak = peak_memory()["peak_rss_gb"]
     report = {"rank": distributed.rank(), "load_gb": peak - before, "checksum": checksum}

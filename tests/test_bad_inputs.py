@@ -446,9 +446,9 @@ def test_an_unwritable_output_folder_is_one_line(
 def test_remote_code_comes_only_from_this_command_line(
     finished_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from ila.commands.identify import run_folder_config
     from ila.config import IdentifyConfig, load_config
     from ila.evaluation import evaluate_config
-    from ila.identify import run_folder_config
 
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))
     config = (
@@ -474,7 +474,7 @@ def test_a_run_without_information_says_so_and_exits_3(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import ila.identify
+    import ila.stages
     from ila.stage2_mask import run_stage2
 
     def flat(*args: object, **kwargs: object) -> object:  # Stage 2 as if every layer were worth the same
@@ -482,7 +482,7 @@ def test_a_run_without_information_says_so_and_exits_3(
         result.scores = [1.0] * len(result.scores)
         return result
 
-    monkeypatch.setattr(ila.identify, "run_stage2", flat)
+    monkeypatch.setattr(ila.stages, "run_stage2", flat)
     out = tmp_path / "run"
     argv = ["-q", "identify", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--output", str(out)]
     overrides = ["stage1.max_steps=4", "stage1.window=2", "stage2.steps=2", "data.max_length=64", "run.threads=1"]
@@ -494,10 +494,10 @@ def test_a_run_without_information_says_so_and_exits_3(
 
 
 def test_information_warnings_name_a_stage1_that_did_not_learn() -> None:
-    from ila.identify import NO_SPREAD, information_warnings
     from ila.layers import Layer
     from ila.ranking import rank_layers
     from ila.stage1_lora import Stage1Result
+    from ila.stages import NO_SPREAD, information_warnings
     from ila.training_loop import LoopResult
 
     layers = [Layer(f"model.layers.{i}.mlp.up_proj", i, "up_proj", 4, 4) for i in range(4)]
@@ -520,12 +520,12 @@ def test_a_full_disk_mid_run_is_one_line(
 ) -> None:
     import errno
 
-    import ila.identify
+    import ila.commands.identify
 
     def full_disk(path: Path, *_args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(ila.identify, "write_yaml", full_disk)
+    monkeypatch.setattr(ila.commands.identify, "write_yaml", full_disk)
     out = tmp_path / "run"
     code = main(["-q", "identify", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--output", str(out)])
     lines = capsys.readouterr().err.splitlines()

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-import ila.identify
+import ila.commands.identify
 from conftest import make_rows, write_jsonl
 from ila.cli import main
+from ila.commands.experiment import run_experiment
 from ila.errors import IlaError
-from ila.experiment import ablation_table, load_experiment, paired_differences, planned_units, run_experiment
+from ila.experiment_plan import load_experiment, planned_units
+from ila.experiment_report import ablation_table, paired_differences
 from ila.ranking import load_ranking
 
 
@@ -57,8 +59,8 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
     calls = {"identify": 0, "milestone": 0, "rank": 0, "finetune": 0}
     for module, name, key in (
-        (ila.identify, "run_identify", "identify"),
-        (ila.identify, "run_milestone", "milestone"),
+        (ila.commands.identify, "run_identify", "identify"),
+        (ila.commands.identify, "run_milestone", "milestone"),
         (ila.baselines, "run_rank", "rank"),
         (ila.finetune, "run_finetune", "finetune"),
     ):
@@ -143,14 +145,14 @@ def test_unit_that_fails_once_is_redone_alone(
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     cfg = load_experiment(path)
-    spy = ila.identify.run_identify
+    spy = ila.commands.identify.run_identify
 
     def fail_on_b(icfg, *args, **kwargs):  # type: ignore[no-untyped-def]
         if str(icfg.run.output).endswith("b-seed0"):
             raise KeyboardInterrupt  # the run is stopped while this unit computes
         return spy(icfg, *args, **kwargs)
 
-    monkeypatch.setattr(ila.identify, "run_identify", fail_on_b)
+    monkeypatch.setattr(ila.commands.identify, "run_identify", fail_on_b)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "exp")
     assert counted["identify"] == 1
@@ -160,11 +162,11 @@ def test_unit_that_fails_once_is_redone_alone(
             raise IlaError("loss is not finite")
         return spy(icfg, *args, **kwargs)
 
-    monkeypatch.setattr(ila.identify, "run_identify", ila_error_on_b)
+    monkeypatch.setattr(ila.commands.identify, "run_identify", ila_error_on_b)
     failed = run_experiment(cfg, tmp_path / "exp")  # a failed unit is listed, the others go on
     assert counted["identify"] == 1 and not failed.computed and len(failed.missing) == 1
     assert "loss is not finite" in (tmp_path / "exp" / "report.md").read_text(encoding="utf-8")
-    monkeypatch.setattr(ila.identify, "run_identify", spy)
+    monkeypatch.setattr(ila.commands.identify, "run_identify", spy)
     resumed = run_experiment(cfg, tmp_path / "exp")
     assert counted["identify"] == 2
     assert [Path(p).name for p in resumed.computed] == ["b-seed0"] and not resumed.missing
@@ -207,7 +209,7 @@ def test_paper_small_config_loads() -> None:
 
 
 def test_worth_it_config_loads_with_the_grid_the_issue_asks_for() -> None:
-    from ila.experiment import finetune_units, random_seeds, train_seeds
+    from ila.experiment_plan import finetune_units, random_seeds, train_seeds
 
     cfg = load_experiment(Path(__file__).parents[1] / "experiments" / "worth_it.yaml")
     assert cfg.finetune is not None and cfg.finetune.method == ("lora", "full")
@@ -327,7 +329,8 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
 ) -> None:
     import json
 
-    from ila.experiment import finetune_units, ranking_cost, walk_order
+    from ila.experiment_plan import finetune_units, walk_order
+    from ila.experiment_report import ranking_cost
     from ila.selection import by_module_type, per_type_count
 
     raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_rows, make_tokenizer, tiny_llama, write_jsonl
 from ila.cli import main
+from ila.commands.identify import run_identify
 from ila.config import IdentifyConfig, build_config, load_config
-from ila.identify import run_identify
 from ila.model_loading import fingerprint_model_files
 
 # the same settings as conftest's fast_overrides, for the module-scoped run below
@@ -329,7 +329,7 @@ def test_repeat_stage1_needs_repeats(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_runs_on_two_data_sets_do_not_share_seeds() -> None:
-    from ila.identify import stage1_seed, stage2_seed
+    from ila.stages import stage1_seed, stage2_seed
 
     cfg = load_config(IdentifyConfig)
     data_a = type("D", (), {"stats": type("S", (), {"fingerprint": "aaa"})()})()

@@ -75,11 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     _configure_logging(args.quiet)
-    from ila import distributed, sharding
+    from ila import distributed
 
     error_prefix = "" if distributed.is_main() else f"[rank {distributed.rank()}] "
     try:
-        sharding.check_launch()
+        distributed.check_launch()
         return int(args.handler(args))
     except IlaError as err:
         sys.stderr.write(f"{error_prefix}ila: error: {err}\n")

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ila.errors import IlaError
+
 
 @functools.cache
 def _state() -> Any:
@@ -74,8 +76,6 @@ def shard_rows(n_rows: int) -> slice:
     """This process's rows of a global batch of `n_rows` rows."""
     world = world_size()
     if n_rows % world:
-        from ila.errors import IlaError
-
         raise IlaError(f"the batch size ({n_rows}) must be divisible by the number of processes ({world})")
     per = n_rows // world
     return slice(rank() * per, (rank() + 1) * per)
@@ -93,3 +93,48 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
         n = grad.numel()
         param.grad = flat[offset : offset + n].view_as(grad).clone()
         offset += n
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every process (an all-gather for a sharded one)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined, no-any-return]
+
+
+# ------------------------------------------------------------------ the launcher's FSDP settings
+
+_TRUE = {"1", "true", "yes"}
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in _TRUE
+
+
+def check_launch() -> None:
+    """Refuse launcher settings ila cannot honour, before anything is loaded or written."""
+    if env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise IlaError(
+            "DeepSpeed launches are not supported by ila; shard with FSDP instead "
+            "(accelerate launch --config_file configs/fsdp.yaml -m ila ...) or use configs/ddp.yaml"
+        )
+
+
+def fsdp_enabled() -> bool:
+    """True under an FSDP launch with more than one process."""
+    return env_flag("ACCELERATE_USE_FSDP") and world_size() > 1
+
+
+def ram_efficient_loading() -> bool:
+    """The FSDP config's fsdp_cpu_ram_efficient_loading: build on the meta device, fill the shards from disk."""
+    return fsdp_enabled() and env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
+
+
+def activation_checkpointing() -> bool:
+    """The FSDP config's fsdp_activation_checkpointing (ila applies it as run.gradient_checkpointing)."""
+    return fsdp_enabled() and env_flag("FSDP_ACTIVATION_CHECKPOINTING")

@@ -40,10 +40,10 @@ from ila.config import (
     read_yaml,
 )
 from ila.errors import IlaError
-from ila.identify import Timings
 from ila.lora_adapters import load_lora, unwrap
 from ila.model_loading import LoadedModel, load_model, pick_device
 from ila.run_folder import (
+    Timings,
     atomic_write_text,
     hardware,
     package_versions,

@@ -25,7 +25,6 @@ from ila import distributed, sharding, tracking
 from ila.config import FinetuneConfig, config_to_dict
 from ila.errors import IlaError, NonFiniteLossError
 from ila.html_report import write_html_report
-from ila.identify import Timings
 from ila.layers import Layer, discover_layers
 from ila.lora_adapters import (
     adalora_orthogonal_penalty,
@@ -38,6 +37,7 @@ from ila.lora_adapters import (
 )
 from ila.model_loading import LoadedModel, load_model, pick_device
 from ila.run_folder import (
+    Timings,
     atomic_dir,
     atomic_write_bytes,
     atomic_write_text,
@@ -81,12 +81,12 @@ class FinetuneResult:
 
 def check_method_available(cfg: FinetuneConfig) -> None:
     """Refuse a method this machine cannot run, before anything is loaded or written."""
-    if sharding.fsdp_enabled() and cfg.finetune.method in ("adalora", "qlora"):
+    if distributed.fsdp_enabled() and cfg.finetune.method in ("adalora", "qlora"):
         raise IlaError(
             f"finetune.method={cfg.finetune.method} cannot run under FSDP (AdaLoRA's rank allocator and 4-bit "
             "weights need whole tensors); use lora or full with configs/fsdp.yaml, or configs/ddp.yaml"
         )
-    if sharding.fsdp_enabled() and cfg.finetune.save_model:
+    if distributed.fsdp_enabled() and cfg.finetune.save_model:
         raise IlaError("finetune.save_model=true is not supported under FSDP; apply the changed weights instead")
     if cfg.finetune.method != "qlora":
         return
@@ -195,10 +195,10 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     device = distributed.local_device() or pick_device(cfg.run.device)  # under a launcher: this process's device
     quantization = _quantization_config(cfg) if cfg.finetune.method == "qlora" else None
     with timings.measure("load model"):
-        loaded = load_model(cfg.model, device, quantization, defer=sharding.ram_efficient_loading())
+        loaded = load_model(cfg.model, device, quantization, defer=distributed.ram_efficient_loading())
     include_head = cfg.model.include_lm_head or (selection is not None and any(s.block < 0 for s in selection.layers))
     layers = discover_layers(loaded.model, include_head)
-    if cfg.run.gradient_checkpointing or sharding.activation_checkpointing():
+    if cfg.run.gradient_checkpointing or distributed.activation_checkpointing():
         enable_gradient_checkpointing(loaded.model)
     if selection is None:
         selection = all_layers(layers, cfg.model.name, cfg.lora.r)
@@ -218,7 +218,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     torch.manual_seed(cfg.run.seed)  # adapter initialisation does not depend on what ran before
     trainable = make_trainable(loaded.model, chosen, cfg, selection.lora_ranks())
     model = trainable.model
-    if sharding.fsdp_enabled():  # FSDP swaps in sharded parameters: collect them again, before the optimizer
+    if distributed.fsdp_enabled():  # FSDP swaps in sharded parameters: collect them again, before the optimizer
         sharding.shard_if_enabled(model)
         trainable.params = [p for p in model.parameters() if p.requires_grad]
     with timings.measure("held-out evaluation"):  # new adapters start at zero: this is the base model's loss
@@ -344,7 +344,8 @@ def _save_trained(
             model.save_pretrained(str(staging), state_dict=state)  # type: ignore[operator]
         return {"adapter": "adapter"}
     tensors = {
-        f"{layer.name}.weight": sharding.full(_weight(model, layer)).detach().to("cpu").contiguous() for layer in chosen
+        f"{layer.name}.weight": distributed.full(_weight(model, layer)).detach().to("cpu").contiguous()
+        for layer in chosen
     }
     metadata = {"format": "pt", "base_model": cfg.model.name, "base_fingerprint": loaded.fingerprint}
     atomic_write_bytes(run_dir / CHANGED_WEIGHTS, safetensors_bytes(tensors, metadata=metadata))

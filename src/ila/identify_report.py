@@ -14,7 +14,7 @@ from ila.sft_data import DataStats
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ila.identify import IdentifyResult
+    from ila.stages import IdentifyResult
 
 
 def _median(values: list[float]) -> float:

@@ -20,9 +20,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ila.config import AdaLoraSettings, LoraSettings
+from ila.distributed import full
 from ila.errors import reading
 from ila.layers import Layer
-from ila.sharding import full
 
 log = logging.getLogger(__name__)
 

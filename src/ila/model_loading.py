@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ila import sharding
+from ila import distributed, sharding
 from ila.config import DEFAULT_MODEL, ModelConfig
 from ila.errors import IlaError, reading
 
@@ -57,7 +57,9 @@ def pick_device(requested: str) -> torch.device:
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     # fp32 on CPU: bf16 matmuls are ~3x slower on CPUs without AMX; bf16 on CUDA.
     if requested == "auto":
-        if sharding.fsdp_enabled():  # FSDP keeps fp32 master weights; the launcher's mixed precision computes in bf16
+        if (
+            distributed.fsdp_enabled()
+        ):  # FSDP keeps fp32 master weights; the launcher's mixed precision computes in bf16
             return torch.float32
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
@@ -225,8 +227,6 @@ def _weightless(config: Any, dtype: torch.dtype, trust_remote_code: bool) -> Pre
 def _download_weights(repo: str, revision: str | None) -> Path:
     """A hub model's safetensors files in the local cache: the main process downloads, the others wait."""
     from huggingface_hub import snapshot_download
-
-    from ila import distributed
 
     patterns = ["*.safetensors", "*.json"]
     try:

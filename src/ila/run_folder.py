@@ -18,15 +18,36 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
 from ila import distributed
+from ila.config import config_to_dict
 from ila.errors import IlaError, reading
+
+if TYPE_CHECKING:
+    from ila.model_loading import LoadedModel
+    from ila.sft_data import SftData
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per phase of a run, for its manifest ("where the time went")."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def measure(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -205,16 +226,47 @@ def _status_kib(field: str) -> float | None:
 
 
 def hardware() -> dict[str, Any]:
-    from ila import sharding
-
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "processes": distributed.world_size(),
-        "parallelism": "fsdp" if sharding.fsdp_enabled() else "data parallel" if distributed.launched() else "none",
+        "parallelism": "fsdp" if distributed.fsdp_enabled() else "data parallel" if distributed.launched() else "none",
     }
-    if sharding.fsdp_enabled():  # each process filled its own shards from disk, or loaded the whole model first
-        info["fsdp_loading"] = "shards from disk" if sharding.ram_efficient_loading() else "whole model per process"
+    if distributed.fsdp_enabled():  # each process filled its own shards from disk, or loaded the whole model first
+        info["fsdp_loading"] = "shards from disk" if distributed.ram_efficient_loading() else "whole model per process"
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
+
+
+def manifest_base(cfg: Any, loaded: LoadedModel, data: SftData, n_layers: int, command: str = "") -> dict[str, Any]:
+    """What every training run's manifest.json starts with: the command, the resolved config, the model and data
+    with their hashes, the seed, package versions and hardware."""
+    return {
+        "ila_command": command or " ".join(sys.argv),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config_to_dict(cfg),
+        "model": {
+            "source": loaded.source,
+            "resolved": loaded.resolved_path,
+            "fingerprint": loaded.fingerprint,
+            "class": type(_base_model(loaded.model)).__name__,
+            "n_layers": n_layers,
+        },
+        "data": {
+            "source": data.stats.source,
+            "sha256": data.stats.fingerprint,
+            "rows": data.stats.rows,
+            "train_examples": data.stats.train_examples,
+            "eval_examples": data.stats.eval_examples,
+        },
+        "seed": cfg.run.seed,
+        "versions": package_versions(),
+        "hardware": hardware(),
+    }
+
+
+def _base_model(model: Any) -> Any:
+    """A PeftModel's underlying transformers model (or the model itself), without importing PEFT."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model

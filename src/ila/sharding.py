@@ -31,35 +31,12 @@ import torch
 from torch import nn
 
 from ila import distributed
+from ila.distributed import env_flag, fsdp_enabled, full, is_sharded
 from ila.errors import IlaError
+from ila.layers import find_block_list
+from ila.lora_adapters import unwrap
 
 log = logging.getLogger(__name__)
-
-_TRUE = {"1", "true", "yes"}
-
-
-def _env_flag(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() in _TRUE
-
-
-def check_launch() -> None:
-    """Refuse launcher settings ila cannot honour, before anything is loaded or written."""
-    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        raise IlaError(
-            "DeepSpeed launches are not supported by ila; shard with FSDP instead "
-            "(accelerate launch --config_file configs/fsdp.yaml -m ila ...) or use configs/ddp.yaml"
-        )
-
-
-def fsdp_enabled() -> bool:
-    """True under an FSDP launch with more than one process."""
-    return _env_flag("ACCELERATE_USE_FSDP") and distributed.world_size() > 1
-
-
-def ram_efficient_loading() -> bool:
-    """The FSDP config's fsdp_cpu_ram_efficient_loading: build on the meta device, fill the shards from disk."""
-    return fsdp_enabled() and _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
 
 
 # models built on the meta device whose weights `shard` fills, with the folder of their safetensors files
@@ -78,14 +55,7 @@ def defer(model: nn.Module, weights: Path) -> None:
 
 def is_deferred(model: nn.Module) -> bool:
     """True while a model built by `defer` has no weights yet (until `shard`)."""
-    from ila.lora_adapters import unwrap
-
     return unwrap(model) in _DEFERRED
-
-
-def activation_checkpointing() -> bool:
-    """The FSDP config's fsdp_activation_checkpointing (ila applies it as run.gradient_checkpointing)."""
-    return fsdp_enabled() and _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
 
 
 def _mixed_precision() -> Any:
@@ -116,8 +86,6 @@ def shard(model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
     """Apply FSDP2 to every block, then to the root (embeddings, final norm, head); returns `model` itself."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    from ila.lora_adapters import unwrap
-
     check_dtype(model)
     weights = _DEFERRED.pop(unwrap(model), None)
     present: dict[str, torch.Tensor] = {}
@@ -128,8 +96,8 @@ def shard(model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module:
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     options: dict[str, Any] = {
         "mp_policy": _mixed_precision(),
-        "reshard_after_forward": _env_flag("FSDP_RESHARD_AFTER_FORWARD", default=True),
-        "offload_policy": CPUOffloadPolicy() if _env_flag("FSDP_OFFLOAD_PARAMS") else OffloadPolicy(),
+        "reshard_after_forward": env_flag("FSDP_RESHARD_AFTER_FORWARD", default=True),
+        "offload_policy": CPUOffloadPolicy() if env_flag("FSDP_OFFLOAD_PARAMS") else OffloadPolicy(),
     }
     for block in blocks:
         fully_shard(block, **options)
@@ -235,22 +203,8 @@ def shard_if_enabled(model: nn.Module) -> nn.Module:
     """Shard `model` (a PEFT model or a plain transformers model) by its transformer blocks under FSDP."""
     if not fsdp_enabled():
         return model
-    from ila.layers import find_block_list
-    from ila.lora_adapters import unwrap
-
     _, blocks = find_block_list(unwrap(model))
     return shard(model, list(blocks))
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on every process (an all-gather for a sharded one)."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined, no-any-return]
 
 
 def sum_sharded_gradients(params: Sequence[torch.Tensor]) -> None:

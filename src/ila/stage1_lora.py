@@ -25,6 +25,7 @@ from peft import PeftModel
 from ila import distributed
 from ila.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from ila.config import LoraSettings, Stage1Config
+from ila.distributed import full
 from ila.errors import reading
 from ila.layers import Layer
 from ila.lora_adapters import (
@@ -38,7 +39,7 @@ from ila.lora_adapters import (
 )
 from ila.run_folder import atomic_dir, write_csv
 from ila.sft_data import Example, batch_stream
-from ila.sharding import copy_full_into, full, load_optimizer_state, lora_state_dict, optimizer_state, shard_if_enabled
+from ila.sharding import copy_full_into, load_optimizer_state, lora_state_dict, optimizer_state, shard_if_enabled
 from ila.training_loop import LoopResult, compile_blocks, sft_loss, train
 
 log = logging.getLogger(__name__)

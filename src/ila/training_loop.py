@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ def sft_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     plain = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None  # type: ignore[operator]
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None  # type: ignore[operator]
-    if plain or sharding.fsdp_enabled() or head is None or decoder is None or decoder is lm:
+    if plain or distributed.fsdp_enabled() or head is None or decoder is None or decoder is lm:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), targets[keep])
     hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
@@ -99,8 +101,8 @@ def train(
     naming the step, so whatever was saved before stays valid.
     """
     world = distributed.world_size()
-    sharded = [p for p in params if sharding.is_sharded(p)]  # FSDP reduces these itself
-    replicated = [p for p in params if not sharding.is_sharded(p)]
+    sharded = [p for p in params if distributed.is_sharded(p)]  # FSDP reduces these itself
+    replicated = [p for p in params if not distributed.is_sharded(p)]
     result = LoopResult(steps_run=0, stopped_early=False)
     bar = tqdm(
         total=max_steps,
@@ -213,3 +215,16 @@ def heldout_loss(model: nn.Module, batches: Sequence[Batch], device: torch.devic
     finally:
         model.train(was_training)
     return total / max(count, 1)
+
+
+def loop_summary(loop: LoopResult) -> dict[str, Any]:
+    """A training loop's figures as a manifest records them."""
+    times = loop.step_seconds
+    return {
+        "steps": loop.steps_run,
+        "median_step_s": statistics.median(times) if times else None,
+        "tokens_per_s": loop.tokens_per_second,
+        "padding_fraction": loop.padding_fraction,
+        "first_loss": loop.losses[0] if loop.losses else None,
+        "last_loss": loop.losses[-1] if loop.losses else None,
+    }
