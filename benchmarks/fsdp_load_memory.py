@@ -75,7 +75,7 @@ def worker(model_dir: Path, reports: Path) -> None:
     per process: the processes share stdout, where their lines can interleave)."""
     import torch
 
-    from ila import distributed, sharding
+    from ila import distributed, fsdp
     from ila.config import ModelConfig
     from ila.model_loading import load_model
     from ila.run_folder import peak_memory, reset_peak_memory
@@ -86,7 +86,7 @@ def worker(model_dir: Path, reports: Path) -> None:
     before = resident_gb()
     assert before is not None, "this benchmark reads /proc/self/status (Linux only)"
     loaded = load_model(ModelConfig(name=str(model_dir)), device, defer=distributed.ram_efficient_loading())
-    sharding.shard_if_enabled(loaded.model)
+    fsdp.shard_if_enabled(loaded.model)
     # reading every local value also pages in weights that transformers left memory-mapped, as training would
     local = [p.to_local() if distributed.is_sharded(p) else p for p in loaded.model.parameters()]
     checksum = distributed.sum_across(sum(float(t.double().sum()) for t in local))

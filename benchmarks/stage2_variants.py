@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from ila.baselines import delta_norm_scores
 from ila.config import IdentifyConfig, Stage2Config, build_config, config_to_dict, merge, parse_overrides, read_yaml
 from ila.lora_adapters import LayerMask, load_lora
 from ila.ranking import rank_layers
+from ila.ranking_methods import delta_norm_scores
 from ila.run_folder import Timings
 from ila.sft_data import eval_batches
 from ila.stage2_mask import run_stage2

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_rows
 from ila.cli import main
+from tiny_models import make_rows
 
 GOOD_ROW = json.dumps(make_rows(1)[0])
 
@@ -174,6 +174,17 @@ def _evaluate_adapter(damage: Callable[[Path], None]) -> Callable[[Env], list[st
         adapter = Path(shutil.copytree(env.run / "stage1" / "adapter", env.tmp / "adapter"))
         damage(adapter)
         return env.evaluate(adapter)
+
+    return build
+
+
+def _rank_adapter(damage: Callable[[Path], None]) -> Callable[[Env], list[str]]:
+    """`ila rank --method delta-norm` without --model: the base model is read from the adapter's config."""
+
+    def build(env: Env) -> list[str]:
+        adapter = Path(shutil.copytree(env.run / "stage1" / "adapter", env.tmp / "adapter"))
+        damage(adapter)
+        return ["rank", "--method", "delta-norm", "--adapter", str(adapter), "--output", str(env.tmp / "rank")]
 
     return build
 
@@ -365,6 +376,11 @@ CASES = [
         _evaluate_adapter(lambda a: (a / "adapter_config.json").write_text("{x", encoding="utf-8")),
         ("adapter",),
     ),
+    Case(
+        "delta-norm adapter config garbage",  # once a silent fall-back to the default model
+        _rank_adapter(lambda a: (a / "adapter_config.json").write_text("{x", encoding="utf-8")),
+        ("adapter_config.json", "PEFT adapter config"),
+    ),
     Case("changed weights of another model", _changed_weights, ("selected_weights.safetensors", "shape")),
     # other commands
     Case("compare a missing ranking", lambda env: ["compare", str(env.tmp / "a.json"), str(env.run)], ("a.json",)),
@@ -446,9 +462,9 @@ def test_an_unwritable_output_folder_is_one_line(
 def test_remote_code_comes_only_from_this_command_line(
     finished_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from ila.commands.evaluate import evaluate_config
     from ila.commands.identify import run_folder_config
     from ila.config import IdentifyConfig, load_config
-    from ila.evaluation import evaluate_config
 
     run = Path(shutil.copytree(finished_run, tmp_path / "run"))
     config = (

@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import VOCAB_SIZE, tiny_gpt2, tiny_llama
-from ila.baselines import rank_by_depth, rank_random
 from ila.cli import main
+from ila.commands.compare import compare_files, write_comparison
 from ila.compare import (
     MAPPING_NAMES,
     MAPPING_TYPE_DEPTH,
     SEED_HINT,
     chance_jaccard,
-    compare_files,
     compare_rankings,
     depth_band,
     expected_core,
@@ -29,11 +27,12 @@ from ila.compare import (
     overlap_distribution,
     overlap_p_value,
     parse_k_percents,
-    write_comparison,
 )
 from ila.errors import IlaError
 from ila.layers import Layer, discover_layers
 from ila.ranking import Ranking, rank_layers
+from ila.ranking_methods import rank_by_depth, rank_random
+from tiny_models import VOCAB_SIZE, tiny_gpt2, tiny_llama
 
 
 def synthetic_layers(n: int) -> list[Layer]:

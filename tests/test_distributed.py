@@ -73,7 +73,7 @@ def _identify(model: Path, data: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama saved as a checkpoint of several safetensors files, as large models are."""
-    from conftest import make_tokenizer, tiny_llama
+    from tiny_models import make_tokenizer, tiny_llama
 
     folder = tmp_path_factory.mktemp("sharded-llama")
     tiny_llama().save_pretrained(folder, max_shard_size="20KB")
@@ -250,14 +250,14 @@ def test_sharded_loading_refuses_what_it_cannot_fill(tmp_path: Path) -> None:
     """No safetensors files, or a tensor the checkpoint does not name: one line each, before any process loads."""
     from torch import nn
 
-    from ila import sharding
+    from ila import fsdp
     from ila.errors import IlaError
 
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(IlaError, match="needs the weights as safetensors files"):
-        sharding.defer(nn.Linear(2, 2), tmp_path)
+        fsdp.defer(nn.Linear(2, 2), tmp_path)
     where = {"model.layers.0.mlp.up_proj.weight": tmp_path / "a.safetensors"}
     peft_name = "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"
-    assert sharding._checkpoint_key(peft_name, where) == "model.layers.0.mlp.up_proj.weight"
+    assert fsdp._checkpoint_key(peft_name, where) == "model.layers.0.mlp.up_proj.weight"
     with pytest.raises(IlaError, match=r"no tensor for model\.layers\.0\.mlp\.down_proj\.weight"):
-        sharding._checkpoint_key("model.layers.0.mlp.down_proj.weight", where)
+        fsdp._checkpoint_key("model.layers.0.mlp.down_proj.weight", where)

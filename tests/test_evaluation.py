@@ -11,26 +11,24 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import write_jsonl
 from ila.cli import main
+from ila.commands.evaluate import run_evaluate
 from ila.config import EvaluateConfig, LoraSettings, build_config
 from ila.errors import IlaError
 from ila.evaluation import (
     EVAL_FILE,
     SAMPLES_FILE,
     example_losses,
-    judge_messages,
-    pairwise_judge,
-    parse_verdict,
     perplexity,
     perplexity_stderr,
     resolve_adapter,
-    run_evaluate,
     token_mean_stderr,
 )
+from ila.judge import judge_messages, pairwise_judge, parse_verdict
 from ila.layers import discover_layers
 from ila.lora_adapters import attach_lora, lora_factors
 from ila.sft_data import IGNORE_INDEX, Example
+from tiny_models import write_jsonl
 
 
 def make_config(model_dir: Path, data: Path, output: Path | None = None, **evaluate: object) -> EvaluateConfig:
@@ -510,9 +508,9 @@ def test_from_run_reproduces_the_finetune_heldout_loss(
     tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Same model, data settings and seed as the run: the held-out set and the loss are the run's own."""
+    from ila.commands.finetune import run_finetune
     from ila.config import FinetuneConfig, load_config
-    from ila.finetune import run_finetune
-    from ila.run_report import read_run
+    from ila.side_by_side import read_run
 
     overrides = [
         "finetune.max_steps=3",

@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 import ila.commands.identify
-from conftest import make_rows, write_jsonl
 from ila.cli import main
 from ila.commands.experiment import run_experiment
 from ila.errors import IlaError
 from ila.experiment_plan import load_experiment, planned_units
 from ila.experiment_report import ablation_table, paired_differences
 from ila.ranking import load_ranking
+from tiny_models import make_rows, write_jsonl
 
 
 def write_grid(folder: Path, model_dir: Path, data_a: Path) -> Path:
@@ -54,15 +54,15 @@ def write_grid(folder: Path, model_dir: Path, data_a: Path) -> Path:
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the identify, milestone, rank and finetune calls the experiment makes."""
-    import ila.baselines
-    import ila.finetune
+    import ila.commands.finetune
+    import ila.commands.rank
 
     calls = {"identify": 0, "milestone": 0, "rank": 0, "finetune": 0}
     for module, name, key in (
         (ila.commands.identify, "run_identify", "identify"),
         (ila.commands.identify, "run_milestone", "milestone"),
-        (ila.baselines, "run_rank", "rank"),
-        (ila.finetune, "run_finetune", "finetune"),
+        (ila.commands.rank, "run_rank", "rank"),
+        (ila.commands.finetune, "run_finetune", "finetune"),
     ):
         original = getattr(module, name)
 
@@ -337,7 +337,7 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
     raw.update(datasets={"a": str(tiny_data)}, seeds=[0], methods=["ila", "random", "spectrum"], milestones=[50, 100])
     raw["finetune"].update(
         method=["lora", "full"],
-        rules=["top", "params", "ranks", "all"],
+        rules=["top", "param-budget", "lora-ranks", "all"],
         fractions=[0.5],
         param_fractions=[0.3],
         methods=["ila", "ila@50", "random", "spectrum"],
@@ -360,9 +360,9 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
         ("full", "all"),
         *[("lora", "top")] * 4,
         *[("full", "top")] * 4,
-        ("lora", "ranks"),
-        *[("lora", "params")] * 4,
-        *[("full", "params")] * 4,
+        ("lora", "lora-ranks"),
+        *[("lora", "param-budget")] * 4,
+        *[("full", "param-budget")] * 4,
     ]
 
     finetune = root / "finetune"
@@ -407,7 +407,7 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
 
     report = (root / "report.md").read_text(encoding="utf-8")
     assert "### Ablation: selected fraction (lora)" in report and (root / "ablation-full.png").is_file()
-    assert "| lora top 0.50 | random |" in report and "| full params 0.30 | spectrum per type |" in report
+    assert "| lora top 0.50 | random |" in report and "| full param-budget 0.30 | spectrum per type |" in report
     runs = json.loads((root / "finetune.json").read_text(encoding="utf-8"))
     loss = {(r["unit"], r["train_seed"]): r["loss"] for r in runs}
     diffs = [loss[("ila-ranks30", s)] - loss[("ila-params30", s)] for s in (0, 1)]
@@ -421,3 +421,19 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
     own = json.loads((root / "identify" / "a-seed0" / "milestone-50" / "manifest.json").read_text(encoding="utf-8"))
     stage1 = identify["timings"]["stage 1"] * 2 / identify["stage1"]["steps"]
     assert identify["stage1"]["steps"] == 4 and early == pytest.approx(stage1 + own["timings"]["total"])
+
+
+def test_rules_keep_their_old_spelling_with_a_note(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
+    raw["finetune"].update(rules=["top", "params", "ranks"], param_fractions=[0.3])
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    cfg = load_experiment(path)
+    assert cfg.finetune is not None and cfg.finetune.rules == ("top", "param-budget", "lora-ranks")
+    assert "now spelled" in caplog.text
+    raw["finetune"].update(rules=["top", "budget"])
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with pytest.raises(IlaError, match="unknown rule 'budget'"):
+        load_experiment(path)

@@ -16,12 +16,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import ila.export as export_module
-from conftest import VOCAB_SIZE, make_tokenizer, tiny_gpt2, tiny_llama, tiny_qwen2
 from ila.cli import main
+from ila.commands.export import run_export
 from ila.errors import IlaError
 from ila.layers import discover_layers
 from ila.ranking import rank_layers
 from ila.selection import ModelShapes, Selection, load_selection, select, top
+from tiny_models import VOCAB_SIZE, make_tokenizer, tiny_gpt2, tiny_llama, tiny_qwen2
 
 LORA_TARGETS = ["peft", "trl", "axolotl", "llama-factory", "ms-swift", "unsloth"]
 FULL_TARGETS = ["axolotl", "ms-swift", "spectrum", "trl"]
@@ -154,7 +155,7 @@ def test_every_export_round_trips(
     model_dir = tiny_model_dir if family == "llama" else gpt2_model_dir
     path, selection = save_selection(model_dir, tmp_path)
     out = tmp_path / f"export-{target}"
-    result = export_module.run_export(path, target, out, method=method)  # type: ignore[arg-type]
+    result = run_export(path, target, out, method=method)  # type: ignore[arg-type]
     assert result.checks and out.is_file()
     got, kind = applied(model_dir, target, method, out.read_text())
     names = selection.names()
@@ -163,8 +164,8 @@ def test_every_export_round_trips(
 
 def test_loaded_model_and_meta_skeleton_agree(tmp_path: Path, tiny_model_dir: Path) -> None:
     path, _ = save_selection(tiny_model_dir, tmp_path)
-    loaded = export_module.run_export(path, "trl", tmp_path / "a.yaml", model=str(tiny_model_dir))
-    meta = export_module.run_export(path, "trl", tmp_path / "b.yaml", model=str(tiny_model_dir), meta=True)
+    loaded = run_export(path, "trl", tmp_path / "a.yaml", model=str(tiny_model_dir))
+    meta = run_export(path, "trl", tmp_path / "b.yaml", model=str(tiny_model_dir), meta=True)
     assert "(loaded)" in loaded.checks[0] and "meta device" in meta.checks[0]
     assert (tmp_path / "a.yaml").read_text() == (tmp_path / "b.yaml").read_text()
 
@@ -174,7 +175,7 @@ def test_lm_head_in_the_selection(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert "lm_head" in selection.names()
     for target in ("peft", "trl", "ms-swift"):
         out = tmp_path / f"{target}.out"
-        export_module.run_export(path, target, out)
+        run_export(path, target, out)
         assert applied(tiny_model_dir, target, "lora", out.read_text())[0] == sorted(selection.names())
 
 
@@ -182,7 +183,7 @@ def test_llama_factory_freeze_last_and_first_blocks(tmp_path: Path, tiny_model_d
     for scores, expected in (("last", 2), ("first", -2)):
         path, selection = save_selection(tiny_model_dir, tmp_path, scores=scores, k=14)
         out = tmp_path / f"lf-{scores}.yaml"
-        result = export_module.run_export(path, "llama-factory", out, method="full")
+        result = run_export(path, "llama-factory", out, method="full")
         data = yaml.safe_load(out.read_text())
         assert data == {
             "finetuning_type": "freeze",
@@ -200,7 +201,7 @@ def test_llama_factory_freeze_refuses_what_it_cannot_express(
     path, _ = save_selection(tiny_model_dir, tmp_path)  # a random 30%: not a run of whole blocks
     out = tmp_path / "lf.yaml"
     with pytest.raises(IlaError, match="cannot be expressed"):
-        export_module.run_export(path, "llama-factory", out, method="full")
+        run_export(path, "llama-factory", out, method="full")
     assert not out.exists()
     capsys.readouterr()
     assert (
@@ -242,7 +243,7 @@ def test_a_wrong_export_is_never_written(
         target, method = "ms-swift", "full"
     out = tmp_path / "out.yaml"
     with pytest.raises(IlaError, match="export check failed") as err:
-        export_module.run_export(path, target, out, method=method)  # type: ignore[arg-type]
+        run_export(path, target, out, method=method)  # type: ignore[arg-type]
     assert "\n" not in str(err.value) and not out.exists()
 
 
@@ -251,15 +252,15 @@ def test_unsupported_method_and_missing_model_are_errors(
 ) -> None:
     path, selection = save_selection(tiny_model_dir, tmp_path)
     with pytest.raises(IlaError, match="cannot express full"):
-        export_module.run_export(path, "peft", tmp_path / "p.json", method="full")
+        run_export(path, "peft", tmp_path / "p.json", method="full")
     with pytest.raises(IlaError, match="cannot express lora"):
-        export_module.run_export(path, "spectrum", tmp_path / "s.yaml", method="lora")
+        run_export(path, "spectrum", tmp_path / "s.yaml", method="lora")
     with pytest.raises(IlaError, match="does not match"):
-        export_module.run_export(path, "peft", tmp_path / "p.json", model=str(gpt2_model_dir))
+        run_export(path, "peft", tmp_path / "p.json", model=str(gpt2_model_dir))
     selection.model = None
     selection.save(tmp_path / "anonymous.json")
     with pytest.raises(IlaError, match="--model"):
-        export_module.run_export(tmp_path / "anonymous.json", "peft", tmp_path / "p.json")
+        run_export(tmp_path / "anonymous.json", "peft", tmp_path / "p.json")
     assert not (tmp_path / "p.json").exists()
     assert load_selection(tmp_path / "anonymous.json").model is None
 
@@ -292,7 +293,7 @@ def test_cli_export_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_axolotl_lora_survives_lora_target_linear(tmp_path: Path, tiny_model_dir: Path) -> None:
     path, selection = save_selection(tiny_model_dir, tmp_path)
     out = tmp_path / "axolotl.yaml"
-    export_module.run_export(path, "axolotl", out)
+    run_export(path, "axolotl", out)
     text = out.read_text()
     fragment = yaml.safe_load(text)
     assert fragment["lora_target_linear"] is False
@@ -376,7 +377,7 @@ def test_unsloth_refuses_the_output_head(tmp_path: Path, tiny_model_dir: Path) -
     path, selection = save_selection(tiny_model_dir, tmp_path, k=29, include_lm_head=True)
     assert "lm_head" in selection.names()
     with pytest.raises(IlaError, match="modules_to_save"):
-        export_module.run_export(path, "unsloth", tmp_path / "u.yaml")
+        run_export(path, "unsloth", tmp_path / "u.yaml")
     assert not (tmp_path / "u.yaml").exists()
 
 
@@ -473,7 +474,7 @@ def test_trl_full_refuses_when_the_counts_disagree(tmp_path: Path, tiny_model_di
     selection.save(path)
     out = tmp_path / "freeze_selection.py"
     with pytest.raises(IlaError, match=r"export check failed.*would train"):
-        export_module.run_export(path, "trl", out, method="full")
+        run_export(path, "trl", out, method="full")
     assert not out.exists()
 
 
@@ -514,7 +515,7 @@ def ranks_under_peft(model_dir: Path, kwargs: dict[str, Any]) -> dict[str, tuple
 def test_rank_pattern_exports_give_every_layer_its_rank(tmp_path: Path, tiny_model_dir: Path, target: str) -> None:
     path, ranks = ranks_selection(tiny_model_dir, tmp_path)
     out = tmp_path / f"{target}.out"
-    export_module.run_export(path, target, out)
+    run_export(path, target, out)
     if target == "peft":
         kwargs = json.loads(out.read_text())
     else:
@@ -541,7 +542,7 @@ def test_rank_pattern_is_refused_where_a_trainer_cannot_express_it(
     path, _ = ranks_selection(tiny_model_dir, tmp_path)
     out = tmp_path / "out.yaml"
     with pytest.raises(IlaError, match=r"its own LoRA rank.*--to peft or axolotl or unsloth") as err:
-        export_module.run_export(path, target, out)
+        run_export(path, target, out)
     assert "\n" not in str(err.value) and not out.exists()
     with pytest.raises(IlaError, match="its own LoRA rank"):
-        export_module.run_export(path, "axolotl", out, method="full")
+        run_export(path, "axolotl", out, method="full")

@@ -12,17 +12,19 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tokenizer, tiny_gpt2, tiny_llama
 from ila.cli import main
+from ila.commands.finetune import run_finetune
 from ila.config import FinetuneConfig, load_config
 from ila.errors import IlaError
-from ila.finetune import CHANGED_WEIGHTS, FinetuneResult, run_finetune
+from ila.finetune_report import FinetuneResult
 from ila.layers import discover_layers
 from ila.lora_adapters import adapted_module_names, unwrap
 from ila.ranking import rank_layers
 from ila.selection import ModelShapes, select, top
 from ila.sft_data import Batch
+from ila.trainable import CHANGED_WEIGHTS
 from ila.training_loop import train
+from tiny_models import make_tokenizer, tiny_gpt2, tiny_llama
 
 FAST = [
     "finetune.max_steps=4",
@@ -112,7 +114,7 @@ def test_lora_trains_only_the_selected_layers(
 def test_adalora_trains_only_the_selected_layers(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path) -> None:
     selection, names = write_selection(tiny_model_dir, tmp_path, k=6)
     calls: list[int] = []
-    import ila.finetune as finetune_module
+    import ila.trainable as finetune_module
 
     original = finetune_module.adalora_update
 

@@ -19,11 +19,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import make_rows, make_tokenizer, tiny_llama, write_jsonl
 from ila.cli import main
 from ila.commands.identify import run_identify
 from ila.config import IdentifyConfig, build_config, load_config
 from ila.model_loading import fingerprint_model_files
+from tiny_models import make_rows, make_tokenizer, tiny_llama, write_jsonl
 
 # the same settings as conftest's fast_overrides, for the module-scoped run below
 RUN_OVERRIDES = [

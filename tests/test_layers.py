@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import BUILDERS, tiny_gpt2, tiny_llama, tiny_qwen2
 from ila.config import LoraSettings
 from ila.errors import IlaError
 from ila.layers import discover_layers, find_block_list, module_types, summarize_layers
 from ila.lora_adapters import attach_lora
+from tiny_models import BUILDERS, tiny_gpt2, tiny_llama, tiny_qwen2
 
 LLAMA_TYPES = [
     "self_attn.q_proj",

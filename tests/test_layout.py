@@ -58,5 +58,5 @@ def test_no_command_imports_another() -> None:
 def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
     # the rule must fail on an import hidden in a function, the way the layout was broken before
     source = tmp_path / "mod.py"
-    source.write_text("def f():\n    from ila.commands.identify import main\n    from ila import sharding\n")
-    assert imported_modules(source) >= {"ila.commands.identify", "ila.commands.identify.main", "ila.sharding"}
+    source.write_text("def f():\n    from ila.commands.identify import main\n    from ila import fsdp\n")
+    assert imported_modules(source) >= {"ila.commands.identify", "ila.commands.identify.main", "ila.fsdp"}

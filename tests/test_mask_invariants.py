@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from conftest import make_rows, tiny_gpt2, tiny_llama, write_jsonl
 from ila.config import DataConfig, LoraSettings, Stage1Config, Stage2Config
 from ila.layers import discover_layers
 from ila.lora_adapters import (
@@ -24,6 +23,7 @@ from ila.lora_adapters import (
 from ila.sft_data import load_sft_data
 from ila.stage1_lora import run_stage1
 from ila.stage2_mask import run_stage2
+from tiny_models import make_rows, tiny_gpt2, tiny_llama, write_jsonl
 
 CPU = torch.device("cpu")
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}

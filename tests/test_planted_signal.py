@@ -4,7 +4,7 @@ exactly S on top.
 Construction: a tiny Llama θ0 gets a random low-rank "teacher" update on the layers of S; training sequences are
 sampled from that teacher (θ0 + Δθ_S). Every other layer then gets a random update of the same size, which can only
 hurt the loss on teacher data. Stage 2 starts from θ0 + 0.95 Δθ (all layers) and must learn to keep S and drop
-the rest. The base model is initialised with a larger weight scale than `conftest.tiny_llama` (std 0.2, untied
+the rest. The base model is initialised with a larger weight scale than `tiny_models.tiny_llama` (std 0.2, untied
 head): at std 0.02 the logits are nearly uniform whatever the layers do, so the teacher's samples carry no signal.
 """
 

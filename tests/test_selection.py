@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_gpt2, tiny_llama
 from ila.cli import main
 from ila.errors import IlaError
 from ila.layers import Layer, discover_layers
@@ -29,6 +28,7 @@ from ila.selection import (
     select_from_file,
     top,
 )
+from tiny_models import tiny_gpt2, tiny_llama
 
 
 def random_ranking(layers: list[Layer], seed: int = 0, model: str | None = None) -> Ranking:

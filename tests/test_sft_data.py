@@ -10,7 +10,6 @@ import pytest
 from tokenizers import pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import make_rows, make_tokenizer, write_jsonl
 from ila.config import DataConfig
 from ila.errors import IlaError
 from ila.sft_data import (
@@ -23,6 +22,7 @@ from ila.sft_data import (
     row_to_messages,
     tokenize_messages,
 )
+from tiny_models import make_rows, make_tokenizer, write_jsonl
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

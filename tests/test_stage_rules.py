@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_rows, make_tokenizer, tiny_llama, write_jsonl
 from ila.config import DataConfig, LoraSettings, Stage1Config, Stage2Config
 from ila.layers import discover_layers
 from ila.sft_data import Batch, load_sft_data
 from ila.stage1_lora import lr_factor, milestone_steps, profile_change, run_stage1
 from ila.stage2_mask import SharedScaleAdam, run_stage2
 from ila.training_loop import train
+from tiny_models import make_rows, make_tokenizer, tiny_llama, write_jsonl
 
 
 @pytest.fixture(scope="module")

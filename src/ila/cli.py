@@ -11,11 +11,12 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from ila.commands import COMMANDS
 from ila.commands._shared import Parser
 from ila.errors import EXIT_NO_INFORMATION, EXIT_USER_ERROR, IlaError
+from ila.versions import package_version
 
 __all__ = ["EXIT_NO_INFORMATION", "EXIT_USER_ERROR", "build_parser", "main"]
 
@@ -26,25 +27,26 @@ KNOWN_NOISE = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `load`, only those words' command modules are imported (the others keep their help
+    line only), so that `ila --help` and one command do not import every command's dependencies."""
     parser = Parser(
         prog="ila", description="Find the layers of an LLM that matter for alignment (ILA), then fine-tune only those."
     )
-    parser.add_argument("--version", action="version", version=f"ila {_version()}")
+    parser.add_argument("--version", action="version", version=f"ila {package_version('ila')}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for word in COMMANDS:
-        importlib.import_module(f"ila.commands.{word}").add_parser(sub)
+    for word, line in COMMANDS.items():
+        if load is None or word in load:
+            importlib.import_module(f"ila.commands.{word}").add_parser(sub)
+        else:
+            sub.add_parser(word, help=line)
     return parser
 
 
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("ila")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The command word of an ila command line: its first argument that is not an option."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -69,7 +71,9 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    word = _command_word(argv)
+    parser = build_parser(load={word} if word in COMMANDS else set())
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -1,11 +1,14 @@
 """Comparison of rankings (ILA runs across data, seeds, milestones, models, and the baselines): are they stable?
 
-Stage: reporting. Reads two or more ranking.json files; writes compare.md (tables), compare.json (every number),
+Reads two or more ranking.json files; `ila compare` writes compare.md (tables), compare.json (every number),
 overlap.png (top-K Jaccard heatmap) and profiles.png (importance by depth per module type). For each K: pairwise
 Jaccard of the top-K sets with two chance levels (uniform, and type-matched: random sets that keep each set's count
 per module type and depth band) and their p-values, the noise floor of each pair (how far rankings that differ only
 in the seed agree; and a ranking's own Stage-2 repeats), and the stable core; Spearman and Kendall correlation of
 the full rankings. Rankings of different models are mapped by module type and relative depth.
+
+Over 500 lines because a comparison is one table: its statistics, the mapping across models, the noise floor
+and the markdown that prints them read the same rows.
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from ila.errors import IlaError
-from ila.ranking import LayerScore, Ranking, load_ranking
-from ila.run_folder import atomic_write_text, write_json
+from ila.ranking import LayerScore, Ranking
 
 DEFAULT_K_PERCENTS: tuple[float, ...] = (10, 25, 30, 50, 75)
 DEFAULT_HEATMAP_PERCENT = 30.0
@@ -813,48 +815,3 @@ def plot_profiles(rankings: Sequence[Ranking], labels: Sequence[str], path: Path
     fig.tight_layout()
     fig.legend(handles, names, loc="upper center", ncol=min(len(names), 5), fontsize=8, bbox_to_anchor=(0.5, 0.0))
     save_figure(fig, path)  # saved with a tight bounding box, so the legend below the plots is kept
-
-
-# ------------------------------------------------------------------------------------------ `ila compare`
-
-
-def write_comparison(
-    comparison: Comparison, rankings: Sequence[Ranking], out_dir: Path, overwrite: bool = False
-) -> list[Path]:
-    """compare.md, compare.json, overlap.png and profiles.png in `out_dir`; other files there are left alone."""
-    paths = [out_dir / name for name in OUTPUT_FILES]
-    existing = [p.name for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise IlaError(f"{out_dir} already holds {', '.join(existing)}; choose another --output or pass --overwrite")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "compare.md", comparison.markdown())
-    write_json(out_dir / "compare.json", comparison.to_dict())
-    plot_overlap(comparison, out_dir / "overlap.png")
-    plot_profiles(rankings, [r["label"] for r in comparison.rankings], out_dir / "profiles.png")
-    return paths
-
-
-def compare_files(
-    paths: Sequence[str | Path],
-    k_percents: Sequence[float] = DEFAULT_K_PERCENTS,
-    heatmap_percent: float = DEFAULT_HEATMAP_PERCENT,
-    labels: Sequence[str] | None = None,
-    *,
-    depth_bands: int = DEFAULT_DEPTH_BANDS,
-    null_draws: int = DEFAULT_NULL_DRAWS,
-) -> tuple[Comparison, list[Ranking]]:
-    """Load ranking files (or run folders) and compare them; labels default to the folder or file names."""
-    if len(paths) < 2:
-        raise IlaError(f"compare needs at least 2 rankings, got {len(paths)}")
-    rankings = [load_ranking(p) for p in paths]
-    names = list(labels) if labels is not None else [label_for(p) for p in paths]
-    comparison = compare_rankings(
-        rankings,
-        names,
-        k_percents,
-        heatmap_percent,
-        [str(p) for p in paths],
-        depth_bands=depth_bands,
-        null_draws=null_draws,
-    )
-    return comparison, rankings

@@ -2,6 +2,9 @@
 
 Every stage reads its own section. Unknown keys and values of the wrong type are `IlaError`s that name the
 dotted key, because a typo in a config must never silently fall back to a default.
+
+Over 500 lines because every config section lives here, so that YAML keys, their defaults and the checks on
+them read in one place.
 """
 
 from __future__ import annotations

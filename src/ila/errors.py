@@ -50,3 +50,9 @@ def _reason(err: BaseException) -> str:
         return err.strerror
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (a library's multi-line error shortened to one line)."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,6 +1,9 @@
 """An experiment's plan: the YAML (data sets x seeds x milestones x methods, optional fine-tuning) read into a
 typed config, and the units it declares with their folders, seeds and selection rules, in the order
 `ila experiment` (ila.commands.experiment) computes them. Pure planning: nothing here trains.
+
+Over 500 lines because the YAML's fields, the units they declare and the folder each unit writes must agree;
+they change together.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from ila.config import (
     read_yaml,
 )
 from ila.errors import IlaError
+from ila.ranking_methods import DATA_FREE, METHODS
 
 log = logging.getLogger(__name__)
 
 ILA = "ila"
-FINETUNE_RULES = ("freeze-bottom", "top", "params", "ranks", "all")
+# the rules by `ila select`'s flag names (--top, --freeze-bottom, --param-budget, --lora-ranks); "all": no selection
+FINETUNE_RULES = ("freeze-bottom", "top", "param-budget", "lora-ranks", "all")
+RENAMED_RULES = {"params": "param-budget", "ranks": "lora-ranks"}  # the old names, still read
 SEED_FREE = ("first", "last", "snr", "spectrum")  # baselines that read neither the seed nor the data
-DATA_FREE = ("random", "first", "last", "snr", "spectrum")
 MILESTONE_METHODS = (ILA, "delta-norm")  # the only methods that read the Stage-1 update
 
 
@@ -46,10 +51,10 @@ class ExperimentFinetune:
     method: tuple[TrainingMethod, ...] = ("lora",)
     fractions: tuple[float, ...] = (0.1, 0.3, 1.0)  # rule top: the top fraction of each ranking (the ablation)
     freeze_bottom: float = 0.25  # rule freeze-bottom: the least important fraction left frozen
-    # rule params: the best layers of each ranking up to this share of the all-layers trainable parameters
+    # rule param-budget: the best layers of each ranking up to this share of the all-layers trainable parameters
     # (counted for the training method), so rankings are compared at equal parameters as well as equal layers
     param_fractions: tuple[float, ...] = (0.3,)
-    # rule ranks (LoRA only): every layer, each with a LoRA rank from its score, within the same parameter shares
+    # rule lora-ranks (LoRA only): every layer, each with a LoRA rank from its score, within the same parameter shares
     rank_methods: tuple[str, ...] = (ILA,)
     rules: tuple[str, ...] = ("freeze-bottom", "top", "all")
     # Ranking methods whose rankings select layers; default: every method. `ila@25` (or `delta-norm@25`) is that
@@ -88,6 +93,10 @@ class ExperimentFinetune:
             if method not in self.method:
                 allowed = list(self.method)
                 raise IlaError(f"finetune.method_overrides: '{method}' is not one of finetune.method {allowed}")
+        if any(rule in RENAMED_RULES for rule in self.rules):
+            renamed = [RENAMED_RULES.get(rule, rule) for rule in self.rules]
+            log.warning("finetune.rules: %s are now spelled %s (as ila select's flags)", list(self.rules), renamed)
+            object.__setattr__(self, "rules", tuple(renamed))
         for rule in self.rules:
             if rule not in FINETUNE_RULES:
                 raise IlaError(f"finetune.rules: unknown rule '{rule}'; allowed: {', '.join(FINETUNE_RULES)}")
@@ -123,8 +132,6 @@ class ExperimentConfig:
     trust_remote_code: bool = False  # from the command line only, never from the YAML
 
     def __post_init__(self) -> None:
-        from ila.baselines import METHODS
-
         if not self.datasets:
             raise IlaError("datasets: give at least one data set (name: path)")
         for name, _ in self.datasets:  # names become folder names: they must not reach outside the run folder
@@ -160,7 +167,7 @@ class ExperimentConfig:
                         f"finetune.methods: '{method}' needs a method that reads the Stage-1 update "
                         f"({', '.join(MILESTONE_METHODS)}) and a milestone among {list(self.milestones)}"
                     )
-            for method in self.finetune.rank_methods if "ranks" in self.finetune.rules else ():
+            for method in self.finetune.rank_methods if "lora-ranks" in self.finetune.rules else ():
                 if method not in (self.finetune.methods or self.methods):
                     raise IlaError(f"finetune.rank_methods: '{method}' is not one of the fine-tuned methods")
             for method in self.finetune.transfer_methods:
@@ -421,7 +428,7 @@ class FinetuneUnit:
     name: str  # folder name under finetune/
     method: str | None  # the ranking method that selects; None: every layer
     rule: str
-    fraction: float  # of the layers trained (rule params: of the all-layers trainable parameters)
+    fraction: float  # of the layers trained (rule param-budget: of the all-layers trainable parameters)
     ranked_on: str  # the data set whose ranking selects
     label: str  # the ranking as tables name it: the method, and its data set when that is not the trained one
     training: TrainingMethod = "lora"
@@ -463,10 +470,10 @@ def finetune_units(cfg: ExperimentConfig) -> list[FinetuneUnit]:
                     )
                 if "top" in ft.rules:
                     wanted += [("top", f"top{round(f * 100)}", f) for f in ft.fractions if f < 1.0]
-                if "params" in ft.rules:
-                    wanted += [("params", f"params{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
-                if "ranks" in ft.rules and spelled in ft.rank_methods and training in ("lora", "qlora") and own:
-                    wanted += [("ranks", f"ranks{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
+                if "param-budget" in ft.rules:  # folder names keep their first spelling: kept results still match
+                    wanted += [("param-budget", f"params{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
+                if "lora-ranks" in ft.rules and spelled in ft.rank_methods and training in ("lora", "qlora") and own:
+                    wanted += [("lora-ranks", f"ranks{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
                 out += [
                     FinetuneUnit(
                         f"{prefix}{slug}-{part}{suffix}",
@@ -504,7 +511,7 @@ def walk_order(cfg: ExperimentConfig, units: Sequence[FinetuneUnit]) -> list[Fin
             group = 1 + len(ft.fractions)
         else:
             group = 2 + len(ft.fractions) + ft.param_fractions.index(each.fraction)
-        return group, int(each.rule == "params"), ft.method.index(each.training)
+        return group, int(each.rule == "param-budget"), ft.method.index(each.training)
 
     return sorted(units, key=priority)
 
@@ -547,7 +554,7 @@ def unit_rule(cfg: ExperimentConfig, each: FinetuneUnit, ranking: Path) -> Any:
     total = everything.trainable_params[counted if counted == "full" else "lora"]
     if total is None:
         raise IlaError(f"a parameter budget needs the model's layer shapes ({cfg.model})")
-    if each.rule == "ranks":
+    if each.rule == "lora-ranks":
         return SelectionRule("lora_ranks", each.fraction * total, lora_r=r)
     return SelectionRule("param_budget", each.fraction * total, method=counted, lora_r=r, per_type=each.per_type)
 

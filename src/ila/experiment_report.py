@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from ila.experiment_plan import (
-    DATA_FREE,
     ILA,
     MILESTONE_METHODS,
     SEED_FREE,
@@ -30,6 +29,7 @@ from ila.experiment_plan import (
     train_seeds,
 )
 from ila.ranking import Ranking, load_ranking
+from ila.ranking_methods import DATA_FREE
 from ila.run_folder import write_json
 
 
@@ -337,8 +337,8 @@ def paired_differences(rows: list[dict[str, Any]], method: str = ILA) -> list[st
 
 
 def ranks_against_budget(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown: each ranking's LoRA ranks from scores (rule ranks) minus its top layers at full rank within the
-    same LoRA-parameter share (rule params), paired by train seed."""
+    """Markdown: each ranking's LoRA ranks from scores (rule lora-ranks) minus its top layers at full rank within the
+    same LoRA-parameter share (rule param-budget), paired by train seed."""
     from statistics import stdev
 
     loss = {
@@ -347,17 +347,17 @@ def ranks_against_budget(rows: list[dict[str, Any]]) -> list[str]:
         if r["loss"] is not None
     }
     lines = []
-    for method, training, fraction in sorted({(k[0], k[1], k[3]) for k in loss if k[2] == "ranks"}):
+    for method, training, fraction in sorted({(k[0], k[1], k[3]) for k in loss if k[2] == "lora-ranks"}):
         seeds = sorted(
             s
             for (m, t, ru, f, s) in loss
-            if (m, t, ru, f) == (method, training, "ranks", fraction)
-            and (method, training, "params", fraction, s) in loss
+            if (m, t, ru, f) == (method, training, "lora-ranks", fraction)
+            and (method, training, "param-budget", fraction, s) in loss
         )
         if not seeds:
             continue
         diffs = [
-            loss[(method, training, "ranks", fraction, s)] - loss[(method, training, "params", fraction, s)]
+            loss[(method, training, "lora-ranks", fraction, s)] - loss[(method, training, "param-budget", fraction, s)]
             for s in seeds
         ]
         spread = f"{stdev(diffs):.4f}" if len(diffs) > 1 else "-"
@@ -370,8 +370,8 @@ def ranks_against_budget(rows: list[dict[str, Any]]) -> list[str]:
     return [
         "### LoRA ranks from scores against top layers at the same budget",
         "",
-        "Held-out loss with every layer at a rank from its score (rule ranks) minus the same ranking's top layers "
-        "at the uniform rank (rule params), both within the same share of the all-layers LoRA parameters, paired "
+        "Held-out loss with every layer at a rank from its score (rule lora-ranks) minus the same ranking's top layers "
+        "at the uniform rank (rule param-budget), both within the same share of the all-layers LoRA parameters, paired "
         "by train seed; negative means the ranks are better.",
         "",
         "| training, share | ranking | mean difference | spread | per train seed | seeds where ranks are lower |",
@@ -412,8 +412,8 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
         ]
     lines += [
         "'per type': the rule is applied within each module type (q, k, v, o, gate, up, down separately), as "
-        "Spectrum does; rule params: the best layers up to that share of the all-layers trainable parameters; "
-        "rule ranks: every layer, each with a LoRA rank from its score, within the same share of LoRA parameters. "
+        "Spectrum does; rule param-budget: the best layers up to that share of the all-layers trainable parameters; "
+        "rule lora-ranks: every layer, each with a LoRA rank from its score, within the same share of LoRA parameters. "
         "Backward has to reach the lowest selected block, so a step's cost follows that block more than the "
         "number of layers. Step time and peak memory come from each unit's own run, one unit at a time.",
         "",

@@ -1,10 +1,13 @@
-"""`ila export`: write one selection as another trainer's config, checked against the model before it is written.
+"""Export one selection as another trainer's config (`ila export` writes it), checked against the model first.
 
 Reads selection.json and the model's module tree (the real model with --model, else built on the meta device from
 the config of the model the selection names); writes one file for PEFT (JSON), TRL, axolotl, LLaMA-Factory,
 ms-swift, unsloth or Spectrum-style `unfrozen_parameters` (YAML), or a `requires_grad` recipe (Python) for full
 fine-tuning under TRL or plain transformers. Each export is parsed back (the recipe is run) and applied with every
 matching rule it claims; unless each selects exactly the selected modules, nothing is written.
+
+Over 500 lines because each trainer's format is written beside the check that applies that trainer's own
+matching rule to the model; a format without its check would not be worth exporting.
 """
 
 from __future__ import annotations
@@ -17,19 +20,16 @@ import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ila.config import LoraSettings, ModelConfig
+from ila.config import LoraSettings
 from ila.errors import IlaError
 from ila.lora_adapters import applied_ranks, lora_targets, rank_patterns
-from ila.run_folder import atomic_write_text
-from ila.selection import SelectedLayer, Selection, load_selection
+from ila.selection import SelectedLayer, Selection
 
 log = logging.getLogger(__name__)
 
@@ -708,61 +708,3 @@ def _llamafactory_freeze(selection: Selection, model: nn.Module, check: _Checker
             )
             return text, note
     raise IlaError(refuse)
-
-
-# ---------------------------------------------------------------------------------------- entry point
-
-
-def verification_model(
-    selection: Selection, model: str | None, meta: bool = False, trust_remote_code: bool = False
-) -> tuple[nn.Module, str]:
-    """The model to check an export against: the real `model`, or a weightless skeleton on the meta device."""
-    from ila.model_loading import load_model, load_model_skeleton
-
-    if model and not meta:
-        loaded = load_model(ModelConfig(name=model, trust_remote_code=trust_remote_code), torch.device("cpu"))
-        return loaded.model, f"{model} (loaded)"
-    name = model or selection.model
-    if not name:
-        raise IlaError("the selection names no model: pass --model so the export can be verified")
-    try:
-        skeleton = load_model_skeleton(ModelConfig(name=name, trust_remote_code=trust_remote_code))
-    except IlaError as err:
-        if model:
-            raise
-        raise IlaError(f"{err}; pass --model to verify the export against a model you have") from None
-    return skeleton, f"{name} (module tree on the meta device)"
-
-
-def run_export(
-    selection_path: str | Path,
-    target: str,
-    output: str | Path,
-    model: str | None = None,
-    meta: bool = False,
-    method: Method | None = None,
-    lora_r: int | None = None,
-    lora_alpha: int | None = None,
-    lora_dropout: float | None = None,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-) -> Export:
-    """Load, build, verify, then write atomically; a failed check writes nothing.
-
-    LoRA settings default to the rank the selection was counted with, alpha = 2·r and dropout 0.05 (unsloth: 0).
-    """
-    out = Path(output)
-    if out.is_dir():
-        raise IlaError(f"--output {out} is a folder; give a file name")
-    if out.exists() and not overwrite:
-        raise IlaError(f"{out} already exists; choose another --output or pass --overwrite")
-    if target not in TARGETS:
-        raise IlaError(f"unknown export target '{target}'; choose one of {', '.join(TARGETS)}")
-    selection = load_selection(selection_path)
-    r = lora_r or selection.rule.lora_r
-    dropout = default_dropout(target) if lora_dropout is None else lora_dropout
-    lora = LoraSettings(r=r, alpha=lora_alpha or 2 * r, dropout=dropout)
-    verify_on, label = verification_model(selection, model, meta, trust_remote_code)
-    result = export_selection(selection, target, verify_on, label, method, lora)
-    atomic_write_text(out, result.text)
-    return result

@@ -20,9 +20,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ila import distributed, sharding
+from ila import distributed, fsdp
 from ila.config import DEFAULT_MODEL, ModelConfig
-from ila.errors import IlaError, reading
+from ila.errors import IlaError, first_line, reading
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ def pick_device(requested: str) -> torch.device:
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     # fp32 on CPU: bf16 matmuls are ~3x slower on CPUs without AMX; bf16 on CUDA.
     if requested == "auto":
-        if (
-            distributed.fsdp_enabled()
-        ):  # FSDP keeps fp32 master weights; the launcher's mixed precision computes in bf16
+        if distributed.fsdp_enabled():  # fp32 master weights; the launcher's mixed precision computes in bf16
             return torch.float32
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
@@ -168,7 +166,7 @@ def load_model(
 
     With a `quantization_config` (QLoRA's 4-bit BitsAndBytesConfig) the weights are quantized while loading and
     placed on `device` by transformers. With `defer` (FSDP's RAM-efficient loading) the model is built on the
-    meta device, weightless; `sharding.shard` fills each process's shards from the checkpoint.
+    meta device, weightless; `fsdp.shard` fills each process's shards from the checkpoint.
     """
     device = device or pick_device("auto")
     path, is_local = resolve_model_path(cfg.name)
@@ -184,13 +182,13 @@ def load_model(
         config = AutoConfig.from_pretrained(path, **common)
     except (OSError, ValueError) as err:
         where = "local folder" if is_local else "hub id (is the network reachable? is the id spelled right?)"
-        raise IlaError(f"could not load the model config of {cfg.name} as a {where}: {_first_line(err)}") from None
+        raise IlaError(f"could not load the model config of {cfg.name} as a {where}: {first_line(err)}") from None
     if getattr(config, "is_encoder_decoder", False):
         raise IlaError(f"{cfg.name} is an encoder-decoder model ({config.model_type}); ila needs a decoder-only LM")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
     except (OSError, ValueError, TypeError) as err:
-        raise IlaError(f"could not load the tokenizer of {cfg.name}: {_first_line(err)}") from None
+        raise IlaError(f"could not load the tokenizer of {cfg.name}: {first_line(err)}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "auto_map", None):
         raise IlaError(
             f"unsupported architecture for a causal LM: {config.model_type} ({cfg.name}); ila needs a model "
@@ -198,7 +196,7 @@ def load_model(
         )
     if defer and quantization_config is None:
         model = _weightless(config, dtype, cfg.trust_remote_code)
-        sharding.defer(model, Path(path) if is_local else _download_weights(path, cfg.revision))
+        fsdp.defer(model, Path(path) if is_local else _download_weights(path, cfg.revision))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         fingerprint = fingerprint_model_files(Path(path)) if is_local else f"hub:{path}@{cfg.revision or 'main'}"
@@ -235,7 +233,7 @@ def _download_weights(repo: str, revision: str | None) -> Path:
         distributed.barrier()
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
     except OSError as err:
-        raise IlaError(f"could not fetch the weights of {repo} for sharded loading: {_first_line(err)}") from None
+        raise IlaError(f"could not fetch the weights of {repo} for sharded loading: {first_line(err)}") from None
 
 
 def load_model_skeleton(cfg: ModelConfig) -> PreTrainedModel:
@@ -252,10 +250,5 @@ def load_model_skeleton(cfg: ModelConfig) -> PreTrainedModel:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise IlaError(f"could not build the module tree of {cfg.name} from its config: {_first_line(err)}") from None
+        raise IlaError(f"could not build the module tree of {cfg.name} from its config: {first_line(err)}") from None
     return model  # type: ignore[no-any-return]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

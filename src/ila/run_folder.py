@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -19,7 +18,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +27,7 @@ import yaml
 from ila import distributed
 from ila.config import config_to_dict
 from ila.errors import IlaError, reading
+from ila.versions import package_versions
 
 if TYPE_CHECKING:
     from ila.model_loading import LoadedModel
@@ -163,17 +162,6 @@ def _make_run_dir(output: str | None, kind: str, overwrite: bool) -> Path:
     except OSError as err:
         raise IlaError(f"cannot write the run folder {path}: {err.strerror or err}") from None
     return path
-
-
-def package_versions() -> dict[str, str]:
-    names = ["ila", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors"]
-    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def peak_memory() -> dict[str, float]:

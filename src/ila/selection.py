@@ -4,6 +4,9 @@ LoRA rank from its score under a LoRA-parameter budget (`lora_ranks`).
 
 Reads a ranking.json (ILA or any baseline) and, for layer shapes and model order, the model's module tree (built
 on the meta device from its config, no weights); writes selection.json, which `ila finetune` and `ila export` read.
+
+Over 500 lines because every rule shares the greedy walk over the ranking and the cost model that checks a
+budget; split, each rule would need both.
 """
 
 from __future__ import annotations
@@ -702,7 +705,7 @@ def all_layers(layers: Sequence[Layer], model: str | None, lora_r: int = 8) -> S
     return _build(ranking, SelectionRule("all", lora_r=lora_r), entries, layers, None, None)
 
 
-# ------------------------------------------------------------------------------------------------ entry point
+# ------------------------------------------------------------------------- budgets as written, ranking files
 
 
 def parse_share(text: str) -> float:

@@ -27,6 +27,7 @@ from ila.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkp
 from ila.config import LoraSettings, Stage1Config
 from ila.distributed import full
 from ila.errors import reading
+from ila.fsdp import copy_full_into, load_optimizer_state, lora_state_dict, optimizer_state, shard_if_enabled
 from ila.layers import Layer
 from ila.lora_adapters import (
     LoraFactors,
@@ -39,8 +40,7 @@ from ila.lora_adapters import (
 )
 from ila.run_folder import atomic_dir, write_csv
 from ila.sft_data import Example, batch_stream
-from ila.sharding import copy_full_into, load_optimizer_state, lora_state_dict, optimizer_state, shard_if_enabled
-from ila.training_loop import LoopResult, compile_blocks, sft_loss, train
+from ila.training_loop import LoopResult, compile_blocks, sft_loss, train, warmup_then
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,7 @@ def profile_change(now_sq: Sequence[float], before_sq: Sequence[float]) -> float
 
 def lr_factor(step: int, cfg: Stage1Config, planned: int) -> float:
     """Linear warm-up, then constant (the ε rule is watched at a fixed step size) or linear decay to 0."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
-    if cfg.lr_schedule == "linear":
-        return max(0.0, (planned - step) / max(1, planned - cfg.warmup_steps))
-    return 1.0
+    return warmup_then(step, cfg.warmup_steps, planned, decay=cfg.lr_schedule == "linear")
 
 
 def save_adapter(model: PeftModel, folder: Path) -> None:

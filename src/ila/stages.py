@@ -108,7 +108,7 @@ def delta_norm_mask_loss(
 ) -> float:
     """The same hard mask on the layers with the largest Stage-1 updates (RMS of Δθ_i): the free ranking that
     Stage 2 has to beat for its cost to be worth paying."""
-    from ila.baselines import delta_norm_scores
+    from ila.ranking_methods import delta_norm_scores
 
     by_size = rank_layers(layers, delta_norm_scores(model, layers), "delta-norm")
     return mask_loss(model, layers, set(by_size.top_fraction(cfg.run.report_top_fraction)), batches, device)

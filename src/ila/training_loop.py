@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ila import distributed, sharding, tracking
+from ila import distributed, fsdp, tracking
 from ila.errors import IlaError, NonFiniteLossError
 from ila.lora_adapters import unwrap
 from ila.sft_data import IGNORE_INDEX, Batch
@@ -141,7 +141,7 @@ def train(
                 result.tokens += batch.real_tokens
                 result.padded_tokens += batch.input_ids.numel()
             distributed.sum_gradients(replicated)  # summed shares = the global batch's gradient
-            sharding.sum_sharded_gradients(sharded)
+            fsdp.sum_sharded_gradients(sharded)
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
@@ -228,3 +228,11 @@ def loop_summary(loop: LoopResult) -> dict[str, Any]:
         "first_loss": loop.losses[0] if loop.losses else None,
         "last_loss": loop.losses[-1] if loop.losses else None,
     }
+
+
+def warmup_then(step: int, warmup: int, total: int, decay: bool = True) -> float:
+    """The learning-rate factor at `step`: linear warm-up over `warmup` steps, then linear decay to 0 at `total`
+    (or, without `decay`, constant)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup)) if decay else 1.0

@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
+from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
+from ila.compare import (
+    DEFAULT_DEPTH_BANDS,
+    DEFAULT_HEATMAP_PERCENT,
+    DEFAULT_K_PERCENTS,
+    DEFAULT_NULL_DRAWS,
+    OUTPUT_FILES,
+    Comparison,
+    compare_rankings,
+    label_for,
+    parse_k_percents,
+    plot_overlap,
+    plot_profiles,
+)
 from ila.errors import IlaError
+from ila.ranking import Ranking, load_ranking
+from ila.run_folder import atomic_write_text, write_json
 
 COMPARE_EXAMPLES = """examples:
   ila compare runs/lima runs/alpaca runs/lima-seed1 --output runs/compare-data
@@ -25,7 +44,7 @@ compare.json, overlap.png and profiles.png.
 def add_parser(sub: Subparsers) -> None:
     parser = sub.add_parser(
         "compare",
-        help="compare rankings: top-K Jaccard vs chance, p-values, correlations",
+        help=COMMANDS["compare"],
         description="Compare two or more rankings (ILA runs, baselines, other models).",
         epilog=COMPARE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,11 +73,6 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
-    from ila.compare import compare_files, parse_k_percents, write_comparison
-
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
     if labels is not None and len(labels) != len(args.rankings):
         raise IlaError(f"--labels names {len(labels)} rankings, but {len(args.rankings)} were given")
@@ -75,3 +89,45 @@ def main(args: argparse.Namespace) -> int:
     print(comparison.markdown(), end="")
     print("\nwritten: " + ", ".join(str(path) for path in written))
     return 0
+
+
+def write_comparison(
+    comparison: Comparison, rankings: Sequence[Ranking], out_dir: Path, overwrite: bool = False
+) -> list[Path]:
+    """compare.md, compare.json, overlap.png and profiles.png in `out_dir`; other files there are left alone."""
+    paths = [out_dir / name for name in OUTPUT_FILES]
+    existing = [p.name for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise IlaError(f"{out_dir} already holds {', '.join(existing)}; choose another --output or pass --overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "compare.md", comparison.markdown())
+    write_json(out_dir / "compare.json", comparison.to_dict())
+    plot_overlap(comparison, out_dir / "overlap.png")
+    plot_profiles(rankings, [r["label"] for r in comparison.rankings], out_dir / "profiles.png")
+    return paths
+
+
+def compare_files(
+    paths: Sequence[str | Path],
+    k_percents: Sequence[float] = DEFAULT_K_PERCENTS,
+    heatmap_percent: float = DEFAULT_HEATMAP_PERCENT,
+    labels: Sequence[str] | None = None,
+    *,
+    depth_bands: int = DEFAULT_DEPTH_BANDS,
+    null_draws: int = DEFAULT_NULL_DRAWS,
+) -> tuple[Comparison, list[Ranking]]:
+    """Load ranking files (or run folders) and compare them; labels default to the folder or file names."""
+    if len(paths) < 2:
+        raise IlaError(f"compare needs at least 2 rankings, got {len(paths)}")
+    rankings = [load_ranking(p) for p in paths]
+    names = list(labels) if labels is not None else [label_for(p) for p in paths]
+    comparison = compare_rankings(
+        rankings,
+        names,
+        k_percents,
+        heatmap_percent,
+        [str(p) for p in paths],
+        depth_bands=depth_bands,
+        null_draws=null_draws,
+    )
+    return comparison, rankings

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
 
 
 def add_parser(sub: Subparsers) -> None:
-    parser = sub.add_parser("env", help="print versions, threads and accelerator (for bug reports)")
+    parser = sub.add_parser("env", help=COMMANDS["env"])
     parser.set_defaults(handler=main)
 
 
@@ -16,7 +17,8 @@ def main(_args: argparse.Namespace) -> int:
     import torch
 
     from ila.model_loading import cache_root
-    from ila.run_folder import hardware, package_versions
+    from ila.run_folder import hardware
+    from ila.versions import package_versions
 
     for key, value in {
         **package_versions(),

@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers, add_run_flags
 from ila.errors import IlaError
 from ila.experiment_plan import (
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 def add_parser(sub: Subparsers) -> None:
     parser = sub.add_parser(
         "experiment",
-        help="run a declared grid of identify/rank/finetune units (resumable)",
+        help=COMMANDS["experiment"],
         description="Run the grid an experiment YAML declares (data sets x seeds x "
         "milestones x methods, optional fine-tuning), one folder per unit; complete units "
         "are skipped, so an interrupted experiment resumes where it stopped. Writes "
@@ -189,10 +190,11 @@ def _baseline_units(
     methods: Sequence[str] | None = None,
 ) -> None:
     """The baseline rankings of one data set and seed (`methods`, default every method of the grid)."""
-    from ila.baselines import BaselineSettings, run_rank
+    from ila.commands.rank import run_rank
+    from ila.ranking_methods import RankConfig
 
     icfg = identify_config(cfg, data_path, seed, "unused")
-    settings = BaselineSettings(seed=seed, lora=icfg.lora)
+    settings = RankConfig(seed=seed, lora=icfg.lora)
     for method in cfg.methods if methods is None else methods:
         if method == ILA:
             continue
@@ -236,7 +238,7 @@ def _random_units(
 
 
 def _finetune_units(cfg: ExperimentConfig, root: Path, unit: Callable[[Path, Callable[[], Any]], None]) -> None:
-    from ila.finetune import run_finetune
+    from ila.commands.finetune import run_finetune
     from ila.selection import select_from_file
 
     assert cfg.finetune is not None

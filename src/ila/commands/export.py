@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import torch
+from torch import nn
+
+from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
+from ila.config import LoraSettings, ModelConfig
+from ila.errors import IlaError
+from ila.export import TARGETS, Export, Method, default_dropout, export_selection
+from ila.run_folder import atomic_write_text
+from ila.selection import Selection, load_selection
 
 EXPORT_EXAMPLES = """examples:
   ila export --selection selection.json --to peft --output lora_config.json
@@ -24,7 +34,7 @@ on the meta device (no weights).
 def add_parser(sub: Subparsers) -> None:
     parser = sub.add_parser(
         "export",
-        help="write a selection as a PEFT/TRL/axolotl/LLaMA-Factory/... config",
+        help=COMMANDS["export"],
         description="Write a selection as another trainer's config, verified against the "
         "model before anything is written.",
         epilog=EXPORT_EXAMPLES,
@@ -54,8 +64,6 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ila.export import run_export
-
     result = run_export(
         args.selection,
         args.to,
@@ -75,3 +83,58 @@ def main(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"  note: {note}")
     return 0
+
+
+def verification_model(
+    selection: Selection, model: str | None, meta: bool = False, trust_remote_code: bool = False
+) -> tuple[nn.Module, str]:
+    """The model to check an export against: the real `model`, or a weightless skeleton on the meta device."""
+    from ila.model_loading import load_model, load_model_skeleton
+
+    if model and not meta:
+        loaded = load_model(ModelConfig(name=model, trust_remote_code=trust_remote_code), torch.device("cpu"))
+        return loaded.model, f"{model} (loaded)"
+    name = model or selection.model
+    if not name:
+        raise IlaError("the selection names no model: pass --model so the export can be verified")
+    try:
+        skeleton = load_model_skeleton(ModelConfig(name=name, trust_remote_code=trust_remote_code))
+    except IlaError as err:
+        if model:
+            raise
+        raise IlaError(f"{err}; pass --model to verify the export against a model you have") from None
+    return skeleton, f"{name} (module tree on the meta device)"
+
+
+def run_export(
+    selection_path: str | Path,
+    target: str,
+    output: str | Path,
+    model: str | None = None,
+    meta: bool = False,
+    method: Method | None = None,
+    lora_r: int | None = None,
+    lora_alpha: int | None = None,
+    lora_dropout: float | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Export:
+    """Load, build, verify, then write atomically; a failed check writes nothing.
+
+    LoRA settings default to the rank the selection was counted with, alpha = 2·r and dropout 0.05 (unsloth: 0).
+    """
+    out = Path(output)
+    if out.is_dir():
+        raise IlaError(f"--output {out} is a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise IlaError(f"{out} already exists; choose another --output or pass --overwrite")
+    if target not in TARGETS:
+        raise IlaError(f"unknown export target '{target}'; choose one of {', '.join(TARGETS)}")
+    selection = load_selection(selection_path)
+    r = lora_r or selection.rule.lora_r
+    dropout = default_dropout(target) if lora_dropout is None else lora_dropout
+    lora = LoraSettings(r=r, alpha=lora_alpha or 2 * r, dropout=dropout)
+    verify_on, label = verification_model(selection, model, meta, trust_remote_code)
+    result = export_selection(selection, target, verify_on, label, method, lora)
+    atomic_write_text(out, result.text)
+    return result

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ila import distributed, sharding, tracking
+from ila import distributed, fsdp, tracking
+from ila.commands import COMMANDS
 from ila.commands._shared import COMMON_FLAGS, Subparsers, add_config_flags, add_run_flags, config_values, print_config
 from ila.config import (
     BUNDLED_DATA,
@@ -29,6 +30,7 @@ from ila.config import (
     read_yaml,
 )
 from ila.errors import EXIT_NO_INFORMATION, IlaError, NonFiniteLossError
+from ila.fsdp import shard_if_enabled
 from ila.html_report import write_html_report
 from ila.identify_report import write_identify_report
 from ila.layers import Layer
@@ -46,7 +48,6 @@ from ila.run_folder import (
     write_yaml,
 )
 from ila.sft_data import SftData, eval_batches
-from ila.sharding import shard_if_enabled
 from ila.stage1_lora import Stage1Result, run_stage1
 from ila.stage2_mask import Stage2Result
 from ila.stages import (
@@ -80,7 +81,7 @@ config sections: model, data, lora, stage1, stage2, run (see `ila identify --pri
 def add_parser(sub: Subparsers) -> None:
     parser = sub.add_parser(
         "identify",
-        help="rank layers by importance (Stage 1 LoRA + Stage 2 mask)",
+        help=COMMANDS["identify"],
         description="Run ILA: Stage 1 trains LoRA on every linear layer until the update "
         "is ε-stable; Stage 2 learns one mask score per layer; writes a ranking, a heatmap, "
         "a report and a manifest to a run folder.",
@@ -260,7 +261,7 @@ def _execute(
     heldout_batches = eval_batches(data.eval, cfg.stage1.batch_size, pad_id)
     heldout: dict[str, float] = {}
     try:
-        if not sharding.is_deferred(loaded.model):  # else its weights exist only once sharded, after Stage 1
+        if not fsdp.is_deferred(loaded.model):  # else its weights exist only once sharded, after Stage 1
             with timings.measure("held-out evaluation"):
                 heldout["base"] = heldout_loss(loaded.model, heldout_batches, device)
         stage1_runs: list[Stage1Result] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
 from ila.config import DEFAULT_MODEL
 
@@ -16,7 +17,7 @@ LAYERS_EXAMPLES = f"""examples:
 def add_parser(sub: Subparsers) -> None:
     parser = sub.add_parser(
         "layers",
-        help="list the layers ila would score, without training",
+        help=COMMANDS["layers"],
         epilog=LAYERS_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,11 +1,35 @@
-"""`ila rank`: rank layers with a baseline method, in the format of `ila identify`."""
+"""`ila rank`: rank layers with another method (random, first, last, delta-norm, grad-norm, snr, spectrum), in the
+ranking format of `ila identify`; writes a run folder with ranking.json, ranking.csv and manifest.json.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+import torch
+from torch import nn
+
+from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
-from ila.config import BUNDLED_DATA, DEFAULT_MODEL
+from ila.config import BUNDLED_DATA, DEFAULT_MODEL, DataConfig, LoraSettings, ModelConfig
+from ila.errors import IlaError, reading
+from ila.layers import discover_layers
+from ila.model_loading import fingerprint_model_files, load_model, load_model_skeleton, pick_device, resolve_model_path
+from ila.ranking import Ranking
+from ila.ranking_methods import DATA_FREE, NEEDS_WEIGHTS, RankConfig, check_method, rank_with, resolve_adapter_dir
+from ila.run_folder import hardware, peak_memory, prepare_run_dir, reset_peak_memory, write_json
+from ila.sft_data import Example, load_sft_data
+from ila.versions import package_versions
+
+log = logging.getLogger(__name__)
 
 RANK_EXAMPLES = """examples:
   ila rank --method last --model ./my-llama --output runs/last           # deepest blocks first (no data, no weights)
@@ -30,7 +54,7 @@ and interleaved across types; `ila select --top 0.25 --per-type` on it is Spectr
 def add_parser(sub: Subparsers) -> None:
     parser = sub.add_parser(
         "rank",
-        help="rank layers with a baseline (random, first, last, delta-norm, grad-norm, snr, spectrum)",
+        help=COMMANDS["rank"],
         description="Rank layers with a baseline method, in the same ranking format as "
         "`ila identify`; writes ranking.json, ranking.csv and manifest.json to a run folder.",
         epilog=RANK_EXAMPLES,
@@ -73,11 +97,8 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ila.baselines import BaselineSettings, check_method, run_rank
-    from ila.config import LoraSettings
-
     check_method(args.method)
-    settings = BaselineSettings(
+    settings = RankConfig(
         seed=args.seed,
         normalize=not args.no_normalize,
         grad_batches=args.batches,
@@ -106,3 +127,140 @@ def main(args: argparse.Namespace) -> int:
     for entry in result.ranking.layers[:10]:
         print(f"  {entry.rank:>3}. {entry.name}  score={entry.score:.4g}")
     return 0
+
+
+@dataclass
+class RankResult:
+    run_dir: Path
+    ranking: Ranking
+    timings: dict[str, float]
+
+
+def _adapter_base_model(adapter: str | Path) -> str | None:
+    """The base model an adapter names (None when it names none); an unreadable adapter config is an error, not a
+    silent fall-back to the default model."""
+    path = resolve_adapter_dir(adapter) / "adapter_config.json"
+    with reading(path, "a PEFT adapter config (JSON)"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+    name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return str(name) if name else None
+
+
+def run_rank(
+    method: str,
+    model_name: str | None = None,
+    *,
+    data: str | None = None,
+    adapter: str | None = None,
+    output: str | None = None,
+    settings: RankConfig | None = None,
+    max_length: int = 256,
+    include_lm_head: bool = False,
+    trust_remote_code: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
+    overwrite: bool = False,
+    command: str = "",
+) -> RankResult:
+    """`ila rank`: load what the method needs (data only for grad-norm), rank, write the run folder.
+
+    Without `model_name`, delta-norm uses the adapter's base model and every other method the default model.
+    `threads` sets torch's CPU threads (as run.threads does for identify). Inputs are checked before the run
+    folder is created.
+    """
+    check_method(method)
+    settings = settings or RankConfig()
+    if threads:
+        torch.set_num_threads(threads)
+    reset_peak_memory()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    if method != "delta-norm" and adapter is not None:
+        log.warning("--adapter is used by delta-norm only; method %s ignores it", method)
+        adapter = None
+    if method == "delta-norm":
+        if adapter is None:
+            raise IlaError(
+                "method delta-norm needs a Stage-1 adapter: --adapter RUN/stage1/adapter (or the run folder)"
+            )
+        resolve_adapter_dir(adapter)
+        model_name = model_name or _adapter_base_model(adapter)
+    if method in DATA_FREE and data is not None:
+        log.warning("method %s is data-free; --data %s is not read", method, data)
+    if settings.snr_divide_by_max and method != "snr":
+        log.warning("--snr-spectrum-ratio is used by snr only; method %s ignores it", method)
+    model_name = model_name or DEFAULT_MODEL
+    model_cfg = ModelConfig(name=model_name, include_lm_head=include_lm_head, trust_remote_code=trust_remote_code)
+    torch.manual_seed(settings.seed)
+    clock = time.perf_counter()
+    model_info: dict[str, Any]
+    model: nn.Module
+    if method in NEEDS_WEIGHTS:
+        loaded = load_model(model_cfg, pick_device(device))
+        model = loaded.model
+        model_info = {
+            "source": model_name,
+            "resolved": loaded.resolved_path,
+            "fingerprint": loaded.fingerprint,
+            "class": type(loaded.model).__name__,
+        }
+    else:  # the module tree is enough: built on the meta device, no weights read
+        loaded = None
+        model = load_model_skeleton(model_cfg)
+        resolved, is_local = resolve_model_path(model_name)
+        model_info = {
+            "source": model_name,
+            "resolved": resolved,
+            "class": type(model).__name__,
+            "fingerprint": fingerprint_model_files(Path(resolved)) if is_local else f"hub:{resolved}",
+        }
+    timings["load model"] = time.perf_counter() - clock
+    layers = discover_layers(model, include_lm_head)
+    model_info["n_layers"] = len(layers)
+    examples: list[Example] | None = None
+    data_info: dict[str, Any] | None = None
+    pad_id = 0
+    if method == "grad-norm":
+        assert loaded is not None
+        clock = time.perf_counter()
+        sft = load_sft_data(
+            DataConfig(path=data or BUNDLED_DATA, max_length=max_length), loaded.tokenizer, settings.seed
+        )
+        timings["load data"] = time.perf_counter() - clock
+        examples, pad_id = sft.train, int(loaded.tokenizer.pad_token_id)
+        data_info = {
+            "source": sft.stats.source,
+            "sha256": sft.stats.fingerprint,
+            "train_examples": sft.stats.train_examples,
+        }
+    run_dir = prepare_run_dir(output, f"rank-{method}", overwrite)
+    try:
+        clock = time.perf_counter()
+        ranking = rank_with(method, layers, model, adapter=adapter, examples=examples, pad_id=pad_id, settings=settings)
+        timings["rank"] = time.perf_counter() - clock
+    except BaseException:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed ranking leaves no empty run folder behind
+        raise
+    ranking.info.update({"model": model_name, "model_fingerprint": model_info["fingerprint"]})
+    if data_info is not None:
+        ranking.info.update({"data": data_info["source"], "data_sha256": data_info["sha256"]})
+    ranking.save(run_dir)
+    timings["total"] = time.perf_counter() - started
+    manifest = {
+        "ila_command": command or " ".join(sys.argv),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "method": method,
+        "settings": asdict(settings),
+        "model": model_info,
+        "data": data_info,
+        "adapter": str(resolve_adapter_dir(adapter)) if adapter is not None else None,
+        "seed": settings.seed,
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "timings": timings,
+        "memory": peak_memory(),
+        "status": "complete",
+    }
+    write_json(run_dir / "manifest.json", manifest)  # last: its presence means the ranking is in place
+    return RankResult(run_dir, ranking, timings)

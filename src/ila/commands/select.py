@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
 from ila.errors import IlaError
 
@@ -31,7 +32,7 @@ type's parameters (a memory budget is not split). The summary prints the trainab
 def add_parser(sub: Subparsers) -> None:
     parser = sub.add_parser(
         "select",
-        help="turn a ranking into the layers to fine-tune (top-K, budgets)",
+        help=COMMANDS["select"],
         description="Pick layers from a ranking by count, fraction, freeze-bottom fraction, "
         "trainable-parameter budget or estimated memory budget; writes selection.json with the "
         "chosen layers in model order, their parameter counts and the lowest selected block.",

@@ -11,25 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tokenizer, tiny_gpt2, tiny_llama
-from ila.baselines import (
-    BaselineSettings,
-    marchenko_pastur_median,
-    rank_by_depth,
-    rank_with,
-    run_rank,
-    spectrum_score,
-    spectrum_snr,
-    weight_matrix,
-)
 from ila.cli import main
+from ila.commands.rank import run_rank
 from ila.config import DataConfig, LoraSettings
 from ila.errors import IlaError
 from ila.layers import Layer, discover_layers
 from ila.lora_adapters import attach_lora, lora_factors
 from ila.ranking import Ranking, load_ranking
+from ila.ranking_methods import (
+    RankConfig,
+    marchenko_pastur_median,
+    rank_by_depth,
+    rank_with,
+    spectrum_score,
+    spectrum_snr,
+    weight_matrix,
+)
 from ila.selection import SelectionRule, select
 from ila.sft_data import load_sft_data
+from tiny_models import make_tokenizer, tiny_gpt2, tiny_llama
 
 PLANTED = "model.layers.2.mlp.down_proj"
 
@@ -46,7 +46,7 @@ def one_line_error(code: int, err: str, *needles: str) -> None:
 
 def test_random_is_seeded() -> None:
     layers = discover_layers(tiny_llama())
-    first, again, other = (rank_with("random", layers, settings=BaselineSettings(seed=s)) for s in (0, 0, 1))
+    first, again, other = (rank_with("random", layers, settings=RankConfig(seed=s)) for s in (0, 0, 1))
     assert first.names() == again.names()
     assert first.names() != other.names()
     assert sorted(first.names()) == sorted(layer.name for layer in layers)
@@ -108,9 +108,7 @@ def test_delta_norm_finds_the_planted_update(tmp_path: Path) -> None:
     by_name = {e.name: e for e in ranking.layers}
     for layer in layers:  # the per-entry RMS of the true update
         assert by_name[layer.name].score == pytest.approx(truth[layer.name] / math.sqrt(layer.n_params), rel=1e-4)
-    raw = rank_with(
-        "delta-norm", layers, model, adapter=tmp_path / "adapter", settings=BaselineSettings(normalize=False)
-    )
+    raw = rank_with("delta-norm", layers, model, adapter=tmp_path / "adapter", settings=RankConfig(normalize=False))
     assert {e.name: e.score for e in raw.layers} == pytest.approx(truth, rel=1e-4)
     # the adapter is taken off again: the model is unchanged, not wrapped, still trainable
     assert type(model.get_submodule(PLANTED)) is torch.nn.Linear
@@ -184,7 +182,7 @@ def test_snr_ranks_low_rank_plus_noise_above_pure_noise(seed: int) -> None:
     assert all(math.isfinite(e.score) for e in ranking.layers)
     assert ranking.info["divide_by_max"] is False
     # Spectrum's exact ratio is meant for layers of one module type (one shape): there it finds the signal too
-    spectrum = rank_with("snr", layers, model, settings=BaselineSettings(snr_divide_by_max=True))
+    spectrum = rank_with("snr", layers, model, settings=RankConfig(snr_divide_by_max=True))
     same_shape = [e.name for e in spectrum.layers if e.module_type == "mlp.down_proj"]
     assert same_shape[0] == PLANTED
 
@@ -303,7 +301,7 @@ def examples(tiny_data: Path):
 
 
 def test_grad_norm_is_finite_deterministic_and_leaves_the_model_alone(examples) -> None:
-    settings = BaselineSettings(grad_batches=2, batch_size=4)
+    settings = RankConfig(grad_batches=2, batch_size=4)
     model = tiny_llama()
     layers = discover_layers(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -321,7 +319,7 @@ def test_grad_norm_is_finite_deterministic_and_leaves_the_model_alone(examples) 
         model,
         examples=examples,
         pad_id=1,
-        settings=BaselineSettings(grad_batches=2, batch_size=4, normalize=False),
+        settings=RankConfig(grad_batches=2, batch_size=4, normalize=False),
     )
     by_name = {e.name: e.score for e in first.layers}
     for entry in raw.layers:  # normalised = raw / sqrt(out * r)
@@ -333,7 +331,7 @@ def test_grad_norm_is_finite_deterministic_and_leaves_the_model_alone(examples) 
         model,
         examples=examples,
         pad_id=1,
-        settings=BaselineSettings(grad_batches=2, batch_size=4, seed=1),
+        settings=RankConfig(grad_batches=2, batch_size=4, seed=1),
     )
     assert [e.score for e in other.layers] != scores
 

@@ -1,25 +1,19 @@
-"""Reporting stage (`ila report`): several run folders side by side.
-
-Reads each folder's manifest.json (identify, finetune or evaluate runs) and eval.json when present, defensively: a
-missing key is shown as "-". Writes report.md (one table), report.csv, report.png (held-out loss and median step
-time per run) and manifest.json to the output folder. Measured values show "± stderr" where eval.json has one, and
-a mark where a run is within two combined standard errors of the first run: not distinguishable from it.
+"""Run folders side by side (what `ila report` shows): each folder's manifest.json (identify, finetune or evaluate
+runs) and eval.json when present, read defensively (a missing key is shown as "-"), as table rows, markdown and a
+plot (held-out loss and median step time per run). Measured values show "± stderr" where eval.json has one, and a
+mark where a run is within two combined standard errors of the first run: not distinguishable from it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ila.errors import IlaError
-from ila.html_report import write_html_report
-from ila.run_folder import atomic_write_text, prepare_run_dir, write_csv, write_json
 
 MISSING = "-"
 CLOSE = "≈"  # marks a value not distinguishable from the first run's
@@ -365,36 +359,3 @@ def plot_report(runs: Sequence[RunSummary], path: Path) -> None:
     ax.set_xticks(xs, [n[:24] for n in names], rotation=20, ha="right")
     ax.set_title("held-out loss (blue) and median step time (orange)")
     save_figure(fig, path)
-
-
-@dataclass
-class RunReport:
-    run_dir: Path
-    runs: list[RunSummary]
-    markdown: str
-
-
-def run_report(
-    folders: Sequence[str | Path], output: str | None = None, overwrite: bool = False, command: str = ""
-) -> RunReport:
-    """Read every run folder (all of them before anything is written), then write the report folder."""
-    if not folders:
-        raise IlaError("give at least one run folder: ila report RUN [RUN ...]")
-    runs = [read_run(folder) for folder in folders]
-    run_dir = prepare_run_dir(output, "report", overwrite)
-    markdown = report_markdown(runs)
-    atomic_write_text(run_dir / "report.md", markdown)
-    write_csv(run_dir / "report.csv", table_rows(runs))
-    plot_report(runs, run_dir / "report.png")
-    write_html_report(run_dir / "report.md")  # report.md shows report.png itself
-    write_json(
-        run_dir / "manifest.json",
-        {
-            "kind": "report",
-            "status": "complete",
-            "ila_command": command or " ".join(sys.argv),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "runs": [asdict(run) for run in runs],
-        },
-    )
-    return RunReport(run_dir, runs, markdown)

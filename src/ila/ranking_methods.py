@@ -1,32 +1,28 @@
-"""Baseline rankings, in the same ranking format as ILA: random, first, last, delta-norm, grad-norm, snr, spectrum.
+"""The other ranking methods, in the same ranking format as ILA: random, first, last, delta-norm, grad-norm, snr,
+spectrum (the cheap rankings ILA is compared against; `ila rank`, in ila.commands.rank, writes them to a run folder).
 
-Stage: ranking, beside `ila identify` (`ila rank`). Reads the model; `delta-norm` also a saved PEFT adapter (e.g.
-an identify run's `stage1/adapter`), `grad-norm` SFT data; random, first, last, snr and spectrum never read data.
-Writes a run folder with ranking.json, ranking.csv and manifest.json.
+Each reads the model; `delta-norm` also a saved PEFT adapter (e.g. an identify run's `stage1/adapter`),
+`grad-norm` SFT data; random, first, last, snr and spectrum never read data.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ila.config import BUNDLED_DATA, DEFAULT_MODEL, DataConfig, LoraSettings, ModelConfig
+from ila.config import LoraSettings
 from ila.errors import IlaError
-from ila.layers import Layer, discover_layers, module_types
+from ila.layers import Layer, module_types
 from ila.lora_adapters import (
     attach_lora,
     has_lora,
@@ -37,7 +33,6 @@ from ila.lora_adapters import (
     update_sq_norms,
 )
 from ila.ranking import Ranking, rank_layers
-from ila.run_folder import hardware, package_versions, peak_memory, prepare_run_dir, reset_peak_memory, write_json
 from ila.sft_data import Example, batch_stream
 from ila.training_loop import sft_loss
 
@@ -51,8 +46,8 @@ NEEDS_WEIGHTS = ("delta-norm", "grad-norm", "snr", "spectrum")  # the others nee
 
 
 @dataclass(frozen=True)
-class BaselineSettings:
-    """Options of the baseline methods; each method reads only its own."""
+class RankConfig:
+    """Options of the ranking methods (`ila rank`); each method reads only its own."""
 
     seed: int = 0  # random: the permutation; grad-norm: LoRA-A init, data split and batch order
     normalize: bool = True  # delta-norm, grad-norm: per-entry RMS instead of the raw Frobenius norm (see below)
@@ -182,7 +177,7 @@ def grad_norm_scores(
     layers: Sequence[Layer],
     examples: list[Example],
     pad_id: int,
-    settings: BaselineSettings,
+    settings: RankConfig,
     device: torch.device | None = None,
 ) -> list[float]:
     """Mean over `settings.grad_batches` batches of ‖∂L/∂B_i‖_F for a fresh LoRA adapter; no optimizer step.
@@ -232,9 +227,9 @@ def rank_grad_norm(
     layers: Sequence[Layer],
     examples: list[Example],
     pad_id: int,
-    settings: BaselineSettings | None = None,
+    settings: RankConfig | None = None,
 ) -> Ranking:
-    settings = settings or BaselineSettings()
+    settings = settings or RankConfig()
     scores = grad_norm_scores(model, layers, examples, pad_id, settings)
     info = {
         "seed": settings.seed,
@@ -442,12 +437,12 @@ def rank_with(
     adapter: str | Path | None = None,
     examples: list[Example] | None = None,
     pad_id: int = 0,
-    settings: BaselineSettings | None = None,
+    settings: RankConfig | None = None,
 ) -> Ranking:
     """Run one baseline method. `model` is needed by delta-norm, grad-norm, snr and spectrum; `adapter` by delta-norm;
     `examples` (and the tokenizer's `pad_id`) by grad-norm only."""
     check_method(method)
-    settings = settings or BaselineSettings()
+    settings = settings or RankConfig()
     if method == "random":
         return rank_random(layers, settings.seed)
     if method in ("first", "last"):
@@ -467,153 +462,3 @@ def rank_with(
     if examples is None:
         raise IlaError("method grad-norm needs SFT data (--data)")
     return rank_grad_norm(model, layers, examples, pad_id, settings)
-
-
-# ------------------------------------------------------------------------------------- `ila rank` run folder
-
-
-@dataclass
-class RankResult:
-    run_dir: Path
-    ranking: Ranking
-    timings: dict[str, float]
-
-
-def _adapter_base_model(adapter: str | Path) -> str | None:
-    import json
-
-    try:
-        config = json.loads((resolve_adapter_dir(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    name = config.get("base_model_name_or_path")
-    return str(name) if name else None
-
-
-def run_rank(
-    method: str,
-    model_name: str | None = None,
-    *,
-    data: str | None = None,
-    adapter: str | None = None,
-    output: str | None = None,
-    settings: BaselineSettings | None = None,
-    max_length: int = 256,
-    include_lm_head: bool = False,
-    trust_remote_code: bool = False,
-    device: str = "auto",
-    threads: int | None = None,
-    overwrite: bool = False,
-    command: str = "",
-) -> RankResult:
-    """`ila rank`: load what the method needs (data only for grad-norm), rank, write the run folder.
-
-    Without `model_name`, delta-norm uses the adapter's base model and every other method the default model.
-    `threads` sets torch's CPU threads (as run.threads does for identify). Inputs are checked before the run
-    folder is created.
-    """
-    from ila.model_loading import (
-        fingerprint_model_files,
-        load_model,
-        load_model_skeleton,
-        pick_device,
-        resolve_model_path,
-    )
-    from ila.sft_data import load_sft_data
-
-    check_method(method)
-    settings = settings or BaselineSettings()
-    if threads:
-        torch.set_num_threads(threads)
-    reset_peak_memory()
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    if method != "delta-norm" and adapter is not None:
-        log.warning("--adapter is used by delta-norm only; method %s ignores it", method)
-        adapter = None
-    if method == "delta-norm":
-        if adapter is None:
-            raise IlaError(
-                "method delta-norm needs a Stage-1 adapter: --adapter RUN/stage1/adapter (or the run folder)"
-            )
-        resolve_adapter_dir(adapter)
-        model_name = model_name or _adapter_base_model(adapter)
-    if method in DATA_FREE and data is not None:
-        log.warning("method %s is data-free; --data %s is not read", method, data)
-    if settings.snr_divide_by_max and method != "snr":
-        log.warning("--snr-spectrum-ratio is used by snr only; method %s ignores it", method)
-    model_name = model_name or DEFAULT_MODEL
-    model_cfg = ModelConfig(name=model_name, include_lm_head=include_lm_head, trust_remote_code=trust_remote_code)
-    torch.manual_seed(settings.seed)
-    clock = time.perf_counter()
-    model_info: dict[str, Any]
-    model: nn.Module
-    if method in NEEDS_WEIGHTS:
-        loaded = load_model(model_cfg, pick_device(device))
-        model = loaded.model
-        model_info = {
-            "source": model_name,
-            "resolved": loaded.resolved_path,
-            "fingerprint": loaded.fingerprint,
-            "class": type(loaded.model).__name__,
-        }
-    else:  # the module tree is enough: built on the meta device, no weights read
-        loaded = None
-        model = load_model_skeleton(model_cfg)
-        resolved, is_local = resolve_model_path(model_name)
-        model_info = {
-            "source": model_name,
-            "resolved": resolved,
-            "class": type(model).__name__,
-            "fingerprint": fingerprint_model_files(Path(resolved)) if is_local else f"hub:{resolved}",
-        }
-    timings["load model"] = time.perf_counter() - clock
-    layers = discover_layers(model, include_lm_head)
-    model_info["n_layers"] = len(layers)
-    examples: list[Example] | None = None
-    data_info: dict[str, Any] | None = None
-    pad_id = 0
-    if method == "grad-norm":
-        assert loaded is not None
-        clock = time.perf_counter()
-        sft = load_sft_data(
-            DataConfig(path=data or BUNDLED_DATA, max_length=max_length), loaded.tokenizer, settings.seed
-        )
-        timings["load data"] = time.perf_counter() - clock
-        examples, pad_id = sft.train, int(loaded.tokenizer.pad_token_id)
-        data_info = {
-            "source": sft.stats.source,
-            "sha256": sft.stats.fingerprint,
-            "train_examples": sft.stats.train_examples,
-        }
-    run_dir = prepare_run_dir(output, f"rank-{method}", overwrite)
-    try:
-        clock = time.perf_counter()
-        ranking = rank_with(method, layers, model, adapter=adapter, examples=examples, pad_id=pad_id, settings=settings)
-        timings["rank"] = time.perf_counter() - clock
-    except BaseException:
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
-            shutil.rmtree(run_dir, ignore_errors=True)  # a failed ranking leaves no empty run folder behind
-        raise
-    ranking.info.update({"model": model_name, "model_fingerprint": model_info["fingerprint"]})
-    if data_info is not None:
-        ranking.info.update({"data": data_info["source"], "data_sha256": data_info["sha256"]})
-    ranking.save(run_dir)
-    timings["total"] = time.perf_counter() - started
-    manifest = {
-        "ila_command": command or " ".join(sys.argv),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "method": method,
-        "settings": asdict(settings),
-        "model": model_info,
-        "data": data_info,
-        "adapter": str(resolve_adapter_dir(adapter)) if adapter is not None else None,
-        "seed": settings.seed,
-        "versions": package_versions(),
-        "hardware": hardware(),
-        "timings": timings,
-        "memory": peak_memory(),
-        "status": "complete",
-    }
-    write_json(run_dir / "manifest.json", manifest)  # last: its presence means the ranking is in place
-    return RankResult(run_dir, ranking, timings)

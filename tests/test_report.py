@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from ila.cli import main
+from ila.commands.report import run_report
 from ila.errors import IlaError
-from ila.run_report import CLOSE, STDERR_LEGEND, indistinguishable, read_run, run_report
+from ila.side_by_side import CLOSE, STDERR_LEGEND, indistinguishable, read_run
 
 
 def write_json(path: Path, data: object) -> None:
