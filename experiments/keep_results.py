@@ -3,7 +3,8 @@
     python experiments/keep_results.py runs/worth-it experiments/results/worth-it
 
 Keeps, for every unit, the files that mark it complete and that the report reads (manifest.json, config.yaml,
-selection.json, ranking.json, heldout.csv), and the experiment's own report, tables and figures; drops adapters,
+selection.json, ranking.json, heldout.csv, and eval.json with eval_samples.jsonl where unit_accuracy.py scored it),
+and the experiment's own report, tables, figures and accuracy table; drops adapters,
 changed weights, checkpoints and per-unit plots. `ila experiment` skips a unit whose manifest says complete, so
 copying such a folder back (`cp -r experiments/results/worth-it runs/worth-it`) and running the same YAML with
 `--output runs/worth-it` continues the study where it stopped and rewrites the report over every unit.
@@ -17,8 +18,23 @@ import shutil
 import sys
 from pathlib import Path
 
-UNIT_FILES = ("manifest.json", "config.yaml", "selection.json", "ranking.json", "heldout.csv")
-ROOT_FILES = ("experiment.yaml", "report.md", "finetune.json", "comparisons.json")
+UNIT_FILES = (
+    "manifest.json",
+    "config.yaml",
+    "selection.json",
+    "ranking.json",
+    "heldout.csv",
+    "eval.json",  # experiments/unit_accuracy.py: accuracy and loss with their errors
+    "eval_samples.jsonl",  # ... per held-out example, for paired comparisons
+)
+ROOT_FILES = (
+    "experiment.yaml",
+    "report.md",
+    "finetune.json",
+    "comparisons.json",
+    "accuracy/accuracy.md",  # experiments/unit_accuracy.py's table
+    "accuracy/accuracy.json",
+)
 
 
 def complete(folder: Path) -> bool:
@@ -42,6 +58,7 @@ def keep(source: Path, target: Path) -> int:
         units += 1
     for name in ROOT_FILES:
         if (source / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, target / name)
     for figure in source.glob("*.png"):
         shutil.copy2(figure, target / figure.name)

@@ -1,14 +1,15 @@
 """Next-token accuracy beside the held-out loss for an `ila experiment`'s fine-tuning units, with paired errors.
 
-    python experiments/unit_accuracy.py runs/worth-it --units 'top30' 'full-*top30' --reference ila-top30
+    python experiments/unit_accuracy.py runs/worth-it --units all full-all '*-top30' --reference ila-top30
 
-For every finetune unit whose folder name matches a pattern (and still holds its adapter or changed weights),
-`ila evaluate` scores the unit's own held-out examples (its train seed's split) and writes eval.json and
-eval_samples.jsonl into the unit folder (skipped when they are there); the base model is scored on each train
-seed's split too (accuracy/base-seed<N>/). Then one table: per selection, the next-token accuracy on the answer
-tokens and the held-out loss, averaged over train seeds, and the paired difference to the reference selection
-(same examples, same seed), with the standard error of the per-seed difference pooled over seeds (examples as the
-sampled units) and the spread of the per-seed differences. Written to accuracy/accuracy.md and accuracy.json.
+For every finetune unit whose folder name matches a pattern and holds its adapter or changed weights, `ila
+evaluate` scores the unit's own held-out examples (its train seed's split) and writes eval.json and
+eval_samples.jsonl into the unit folder (skipped when they are there, so kept results without weights are
+tabulated again from their samples); the base model is scored on each train seed's split too
+(accuracy/base-seed<N>/). Then one table: per selection, the next-token accuracy on the answer tokens and the
+held-out loss, averaged over train seeds, and the paired difference to the reference selection (same examples,
+same seed), with the standard error of the per-seed difference pooled over seeds (examples as the sampled units)
+and the per-seed differences. Written to accuracy/accuracy.md and accuracy.json.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main() -> None:
         for p in finetune.iterdir()
         if (p / "manifest.json").is_file()
         and any(fnmatch.fnmatch(selection_and_seed(p.name)[0], pattern) for pattern in args.units)
-        and ((p / "adapter").is_dir() or (p / "selected_weights.safetensors").is_file())
+        and ((p / SAMPLES_FILE).is_file() or (p / "adapter").is_dir() or (p / "selected_weights.safetensors").is_file())
     )
     out = args.experiment / "accuracy"
     scores: dict[str, dict[int, dict[str, Any]]] = {}
