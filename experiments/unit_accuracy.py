@@ -48,13 +48,13 @@ def evaluate(unit: Path, output: Path | None = None, base: bool = False) -> dict
         run_evaluate(cfg, overwrite=True, log_samples=True, command="experiments/unit_accuracy.py")
     saved = json.loads((folder / EVAL_FILE).read_text(encoding="utf-8"))
     samples = [json.loads(line) for line in (folder / SAMPLES_FILE).read_text(encoding="utf-8").splitlines()]
-    sft = [s for s in samples if s["source"] == "sft"]
+    sft = sorted((s for s in samples if s["source"] == "sft"), key=lambda s: s["index"])
     return {
         "loss": saved["sft"]["loss"],
         "accuracy": saved["sft"]["token_accuracy"],
         "accuracy_stderr": saved["sft"]["token_accuracy_stderr"],
-        "correct": [s["correct"] for s in sorted(sft, key=lambda s: s["index"])],
-        "tokens": [s["tokens"] for s in sorted(sft, key=lambda s: s["index"])],
+        "correct": [s["correct"] for s in sft],
+        "tokens": [s["tokens"] for s in sft],
     }
 
 

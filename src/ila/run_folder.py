@@ -238,7 +238,7 @@ def manifest_base(cfg: Any, loaded: LoadedModel, data: SftData, n_layers: int, c
             "source": loaded.source,
             "resolved": loaded.resolved_path,
             "fingerprint": loaded.fingerprint,
-            "class": type(_base_model(loaded.model)).__name__,
+            "class": type(loaded.model).__name__,  # called before any adapter wraps it
             "n_layers": n_layers,
         },
         "data": {
@@ -252,9 +252,3 @@ def manifest_base(cfg: Any, loaded: LoadedModel, data: SftData, n_layers: int, c
         "versions": package_versions(),
         "hardware": hardware(),
     }
-
-
-def _base_model(model: Any) -> Any:
-    """A PeftModel's underlying transformers model (or the model itself), without importing PEFT."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
