@@ -1,5 +1,5 @@
 """Run folders and checkpoints, directly: atomic writes that leave the old file or nothing, folders replaced only
-when ila wrote them, manifests that are read or refused, timings, and checkpoints with their RNG state."""
+when ila wrote them, timings, and checkpoints with their RNG state."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from ila.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from ila.errors import IlaError
-from ila.run_folder import Timings, atomic_dir, atomic_write_text, prepare_run_dir, read_manifest, write_json
+from ila.run_folder import Timings, atomic_dir, atomic_write_text, prepare_run_dir, write_json
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(
@@ -57,18 +57,6 @@ def test_run_folders_are_replaced_only_when_ila_wrote_them(tmp_path: Path) -> No
     with pytest.raises(IlaError, match="holds no ila run"):
         prepare_run_dir(str(foreign), "identify", overwrite=True)
     assert (foreign / "cat.jpg").read_bytes() == b"x"
-
-
-def test_manifests_are_read_or_refused_never_guessed(tmp_path: Path) -> None:
-    assert read_manifest(tmp_path) == {}  # no manifest: not a run yet
-    write_json(tmp_path / "manifest.json", {"kind": "finetune", "status": "complete"})
-    assert read_manifest(tmp_path)["kind"] == "finetune"
-    (tmp_path / "manifest.json").write_text("{broken", encoding="utf-8")
-    with pytest.raises(IlaError, match=r"manifest\.json: cannot read it as an ila manifest"):
-        read_manifest(tmp_path)
-    (tmp_path / "manifest.json").write_text("[1, 2]", encoding="utf-8")
-    with pytest.raises(IlaError, match="JSON object"):
-        read_manifest(tmp_path)
 
 
 def test_timings_add_up_repeated_phases(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -370,13 +370,14 @@ def finetune_folder(cfg: ExperimentConfig, root: Path, name: str, train_seed: in
 
 
 def is_complete(folder: Path) -> bool:
-    import json
+    """Whether a unit's folder holds a finished run; an unreadable manifest means the unit is computed again."""
+    from ila.manifest import Manifest
 
     try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        manifest = Manifest.read(folder)
+    except IlaError:
         return False
-    return manifest.get("status") == "complete"
+    return manifest is not None and manifest.complete
 
 
 def identify_dir(root: Path, data: str, seed: int) -> Path:

@@ -28,6 +28,7 @@ from ila.experiment_plan import (
     ranking_dir,
     train_seeds,
 )
+from ila.manifest import Manifest
 from ila.ranking import Ranking, load_ranking
 from ila.ranking_methods import DATA_FREE
 from ila.run_folder import write_json
@@ -237,9 +238,9 @@ def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
         folder = finetune_folder(cfg, root, each.name, train_seed)
         if not is_complete(folder):
             continue
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        manifest = _manifest(folder)
         selection = json.loads((folder / "selection.json").read_text(encoding="utf-8"))
-        heldout = manifest.get("heldout_loss") or [{}]
+        base_loss, loss = manifest.heldout_losses()
         share = (selection.get("trainable_share") or {}).get("full" if each.training == "full" else "lora")
         rows.append(
             {
@@ -251,14 +252,14 @@ def finetune_rows(cfg: ExperimentConfig, root: Path) -> list[dict[str, Any]]:
                 "fraction": each.fraction,
                 "layers": f"{selection.get('n_selected')}/{selection.get('n_layers')}",
                 "lowest_block": selection.get("lowest_block"),
-                "params": manifest.get("trainable_params", {}).get("count"),
+                "params": manifest.trainable_params,
                 "share": 1.0 if each.rule == "all" else share,
-                "base_loss": heldout[0].get("loss"),
-                "loss": heldout[-1].get("loss"),
-                "median_step_s": manifest.get("training", {}).get("median_step_s"),
-                "peak_gb": max(manifest.get("memory", {}).values() or [float("nan")]),
-                "train_examples": manifest.get("data", {}).get("train_examples"),
-                "batch_size": manifest.get("config", {}).get("finetune", {}).get("batch_size"),
+                "base_loss": base_loss,
+                "loss": loss,
+                "median_step_s": manifest.median_step_s,
+                "peak_gb": manifest.peak_gb if manifest.peak_gb is not None else float("nan"),
+                "train_examples": manifest.data.train_examples if manifest.data else None,
+                "batch_size": manifest.get("config", "finetune", "batch_size"),
             }
         )
     return rows
@@ -461,14 +462,9 @@ def finetune_section(cfg: ExperimentConfig, root: Path) -> list[str]:
     return [*lines, ""]
 
 
-def _manifest(folder: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        loaded = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
+def _manifest(folder: Path) -> Manifest:
+    """A unit's manifest; a missing one reads as an empty one (the report shows "-" for what it lacks)."""
+    return Manifest.read(folder) or Manifest("unknown", status="missing", versions={}, hardware={})
 
 
 def ranking_cost(cfg: ExperimentConfig, root: Path, method: str, milestone: int, data: str) -> float | None:
@@ -481,20 +477,20 @@ def ranking_cost(cfg: ExperimentConfig, root: Path, method: str, milestone: int,
     seed = finetune_seed(cfg)
     identify = _manifest(identify_dir(root, data, seed))
     if method == ILA and milestone == 100:
-        return identify.get("timings", {}).get("total")
+        return identify.total_seconds
     if method not in MILESTONE_METHODS:
-        return _manifest(ranking_dir(root, method, data, seed)).get("timings", {}).get("total")
-    timings, stage1 = identify.get("timings", {}), identify.get("stage1", {})
-    steps, window = stage1.get("steps"), identify.get("config", {}).get("stage1", {}).get("window")
+        return _manifest(ranking_dir(root, method, data, seed)).total_seconds
+    timings = identify.timings
+    steps, window = identify.get("stage1", "steps"), identify.get("config", "stage1", "window")
     if "stage 1" not in timings or not steps or not window:
         return None
     at = milestone_steps(steps, window, [milestone])[milestone]
     stage1_s = timings["stage 1"] * at / steps
     if method == ILA:
-        own = _manifest(ranking_dir(root, ILA, data, seed, milestone)).get("timings", {}).get("total")
+        own = _manifest(ranking_dir(root, ILA, data, seed, milestone)).total_seconds
         return stage1_s + own if own is not None else None
     loads = timings.get("load model", 0.0) + timings.get("load data", 0.0)
-    own = _manifest(ranking_dir(root, method, data, seed, milestone)).get("timings", {}).get("total")
+    own = _manifest(ranking_dir(root, method, data, seed, milestone)).total_seconds
     return stage1_s + loads + own if own is not None else None
 
 

@@ -1,4 +1,5 @@
-"""Run folders: atomic writes (a half-written artifact never exists) and the manifest beside every artifact.
+"""Run folders: atomic writes (a half-written artifact never exists), timings, peak memory and hardware facts
+(the manifest beside every artifact is ila.manifest).
 
 Every file is written to a temporary name in the same folder and renamed into place; folders (adapters) are
 written to a staging folder and renamed. A run folder is never reused unless the caller allows it.
@@ -13,25 +14,18 @@ import json
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
 
 from ila import distributed
-from ila.config import config_to_dict
-from ila.errors import IlaError, reading
-from ila.versions import package_versions
-
-if TYPE_CHECKING:
-    from ila.model_loading import LoadedModel
-    from ila.sft_data import SftData
+from ila.errors import IlaError
 
 
 @dataclass
@@ -111,18 +105,6 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """A run folder's manifest.json; a missing one is {}, a corrupt one an IlaError (never silently {})."""
-    path = folder / "manifest.json"
-    if not path.is_file():
-        return {}
-    with reading(path, "an ila manifest (JSON object)"):
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict):
-            raise ValueError(f"a JSON object was expected, found {type(manifest).__name__}")
-    return manifest
 
 
 def prepare_run_dir(output: str | None, kind: str, overwrite: bool) -> Path:
@@ -225,30 +207,3 @@ def hardware() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
-
-
-def manifest_base(cfg: Any, loaded: LoadedModel, data: SftData, n_layers: int, command: str = "") -> dict[str, Any]:
-    """What every training run's manifest.json starts with: the command, the resolved config, the model and data
-    with their hashes, the seed, package versions and hardware."""
-    return {
-        "ila_command": command or " ".join(sys.argv),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": config_to_dict(cfg),
-        "model": {
-            "source": loaded.source,
-            "resolved": loaded.resolved_path,
-            "fingerprint": loaded.fingerprint,
-            "class": type(loaded.model).__name__,  # called before any adapter wraps it
-            "n_layers": n_layers,
-        },
-        "data": {
-            "source": data.stats.source,
-            "sha256": data.stats.fingerprint,
-            "rows": data.stats.rows,
-            "train_examples": data.stats.train_examples,
-            "eval_examples": data.stats.eval_examples,
-        },
-        "seed": cfg.run.seed,
-        "versions": package_versions(),
-        "hardware": hardware(),
-    }

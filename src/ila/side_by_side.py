@@ -6,7 +6,6 @@ mark where a run is within two combined standard errors of the first run: not di
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ila.errors import IlaError
+from ila.manifest import Manifest
 
 MISSING = "-"
 CLOSE = "≈"  # marks a value not distinguishable from the first run's
@@ -78,102 +78,77 @@ def _integer(value: Any) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise IlaError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise IlaError(f"could not read {path}: {getattr(err, 'strerror', None) or err}") from None
-    if not isinstance(loaded, dict):
-        raise IlaError(f"{path}: expected a JSON object, got {type(loaded).__name__}")
-    return loaded
-
-
-def _run_kind(manifest: dict[str, Any], folder: Path) -> str:
-    config = manifest.get("config")
-    if manifest.get("kind") in ("identify", "finetune", "evaluate"):
-        return str(manifest["kind"])
-    if "method" in manifest or "selection" in manifest or _dig(config, "finetune") is not None:
-        return "finetune"
-    if "stage1" in manifest or "stage2" in manifest or _dig(config, "stage1") is not None:
-        return "identify"
-    if (folder / "ranking.json").is_file():
-        return "identify"
-    return "unknown"
-
-
-def _losses(heldout: Any) -> tuple[float | None, float | None]:
-    """(base, trained) from a finetune curve [{step, loss}], an identify dict {base, stage1, ...} or a number."""
-    if isinstance(heldout, list):
-        points = [_number(_dig(p, "loss")) for p in heldout]
-        return (points[0], points[-1]) if points else (None, None)
-    if isinstance(heldout, dict):
-        return _number(heldout.get("base")), _number(heldout.get("stage1", heldout.get("final")))
-    return None, _number(heldout)
-
-
 def read_run(folder: str | Path) -> RunSummary:
     """Summarise one run folder; an IlaError only when the folder is missing or holds no ila run at all."""
     path = Path(folder)
     if not path.is_dir():
         raise IlaError(f"run folder not found: {folder}")
-    manifest_path, eval_path = path / "manifest.json", path / "eval.json"
-    if not manifest_path.is_file() and not eval_path.is_file():
+    manifest, evaluation = Manifest.read(path), Manifest.read(path, "eval.json")
+    if manifest is None and evaluation is None:
         raise IlaError(f"{folder} is not an ila run folder (no manifest.json or eval.json)")
-    manifest = _read_json(manifest_path) if manifest_path.is_file() else {}
-    evaluation = _read_json(eval_path) if eval_path.is_file() else {}
-    kind = _run_kind(manifest or evaluation, path)
+    first = manifest or evaluation
+    assert first is not None
+    kind = "identify" if first.kind == "milestone" else first.kind
     run = RunSummary(name=path.name or str(path), path=str(path), kind=kind)
-    run.status = _dig(manifest, "status") or _dig(evaluation, "status")
-    run.model = _dig(manifest, "model", "source") or _dig(evaluation, "model", "source")
-    run.data = _dig(manifest, "data", "source") or _dig(evaluation, "sft", "data")
-    memory = _dig(manifest, "memory") or _dig(evaluation, "memory")
-    run.peak_rss_gb = _number(_dig(memory, "peak_rss_gb"))
-    run.peak_cuda_gb = _number(_dig(memory, "peak_cuda_gb"))
-    run.base_loss, run.heldout_loss = _losses(_dig(manifest, "heldout_loss"))
-    if kind == "finetune":
-        run.method = _dig(manifest, "method") or _dig(manifest, "config", "finetune", "method")
-        run.selected_layers = _integer(_dig(manifest, "selection", "n_selected"))
-        run.total_layers = _integer(_dig(manifest, "selection", "n_layers"))
+    run.status = first.status if first.status != "unknown" else None
+    run.model = first.model.source if first.model else None
+    if manifest is not None:
+        run.data = manifest.data.source if manifest.data else None
+        run.base_loss, run.heldout_loss = manifest.heldout_losses()
+    if run.data is None and evaluation is not None:
+        run.data = _text(evaluation.get("sft", "data"))
+    memory = (manifest.memory if manifest else {}) or (evaluation.memory if evaluation else {})
+    run.peak_rss_gb, run.peak_cuda_gb = _number(memory.get("peak_rss_gb")), _number(memory.get("peak_cuda_gb"))
+    if kind == "finetune" and manifest is not None:
+        run.method = _text(manifest.get("method")) or _text(manifest.get("config", "finetune", "method"))
+        run.selected_layers = _integer(manifest.get("selection", "n_selected"))
+        run.total_layers = _integer(manifest.get("selection", "n_layers"))
         if run.selected_layers is not None and run.total_layers:
             run.selected_fraction = run.selected_layers / run.total_layers
-        run.trainable_params = _integer(_dig(manifest, "trainable_params"))
-        for section in ("training", "train", "stage"):
-            if run.median_step_s is None:
-                run.median_step_s = _number(_dig(manifest, section, "median_step_s"))
-    elif kind == "identify":
-        sparsity = _dig(manifest, "config", "stage2", "sparsity")
+        run.trainable_params = manifest.trainable_params
+        run.median_step_s = manifest.median_step_s
+    elif kind == "identify" and manifest is not None:
+        sparsity = manifest.get("config", "stage2", "sparsity")
         run.method = f"ila ({sparsity})" if sparsity else "ila"
-        run.selected_fraction = _number(_dig(manifest, "config", "run", "report_top_fraction"))
-        run.total_layers = _integer(_dig(manifest, "model", "n_layers"))
+        run.selected_fraction = _number(manifest.get("config", "run", "report_top_fraction"))
+        run.total_layers = manifest.model.n_layers if manifest.model else None
         if run.selected_fraction is not None and run.total_layers:
             run.selected_layers = max(1, round(run.selected_fraction * run.total_layers))
-        run.median_step_s = _number(_dig(manifest, "stage1", "median_step_s"))
+        run.median_step_s = manifest.median_step_s
     elif kind == "evaluate":
-        adapter = _dig(evaluation or manifest, "adapter", "kind")
+        adapter = _text(first.get("adapter", "kind"))
         run.method = f"evaluate ({adapter})" if adapter else "evaluate (base model)"
-    if evaluation:
-        run.eval_split = _dig(evaluation, "sft", "split")
-        run.eval_loss = _number(_dig(evaluation, "sft", "loss"))
-        run.eval_loss_stderr = _number(_dig(evaluation, "sft", "loss_stderr"))
-        run.eval_perplexity = _number(_dig(evaluation, "sft", "perplexity"))
-        run.eval_perplexity_stderr = _number(_dig(evaluation, "sft", "perplexity_stderr"))
-        run.eval_token_accuracy = _number(_dig(evaluation, "sft", "token_accuracy"))
-        run.eval_token_accuracy_stderr = _number(_dig(evaluation, "sft", "token_accuracy_stderr"))
-        benchmarks = _dig(evaluation, "benchmarks")
-        if isinstance(benchmarks, dict):
-            for name, entry in benchmarks.items():
-                column = _benchmark_column(str(name), entry)
-                run.benchmarks[column] = _number(_dig(entry, "score"))
-                run.benchmark_stderrs[column] = _number(_dig(entry, "score_stderr"))
-                if _dig(entry, "task") == "ila_mmlu":
-                    run.benchmark_notes[column] = str(_dig(entry, "description") or ILA_MMLU_NOTE)
-        win_rate = _number(_dig(evaluation, "judge", "win_rate"))
-        if win_rate is not None:
-            run.benchmarks["judge win rate"] = win_rate
-            run.benchmark_stderrs["judge win rate"] = _number(_dig(evaluation, "judge", "win_rate_stderr"))
+    if evaluation is not None:
+        _read_evaluation(run, evaluation)
     return run
+
+
+def _read_evaluation(run: RunSummary, evaluation: Manifest) -> None:
+    """eval.json's SFT metrics, benchmark scores and judge win rate, each with its standard error."""
+    sft = evaluation.get("sft")
+    run.eval_split = _text(_dig(sft, "split"))
+    run.eval_loss = _number(_dig(sft, "loss"))
+    run.eval_loss_stderr = _number(_dig(sft, "loss_stderr"))
+    run.eval_perplexity = _number(_dig(sft, "perplexity"))
+    run.eval_perplexity_stderr = _number(_dig(sft, "perplexity_stderr"))
+    run.eval_token_accuracy = _number(_dig(sft, "token_accuracy"))
+    run.eval_token_accuracy_stderr = _number(_dig(sft, "token_accuracy_stderr"))
+    benchmarks = evaluation.get("benchmarks")
+    if isinstance(benchmarks, dict):
+        for name, entry in benchmarks.items():
+            column = _benchmark_column(str(name), entry)
+            run.benchmarks[column] = _number(_dig(entry, "score"))
+            run.benchmark_stderrs[column] = _number(_dig(entry, "score_stderr"))
+            if _dig(entry, "task") == "ila_mmlu":
+                run.benchmark_notes[column] = str(_dig(entry, "description") or ILA_MMLU_NOTE)
+    win_rate = _number(evaluation.get("judge", "win_rate"))
+    if win_rate is not None:
+        run.benchmarks["judge win rate"] = win_rate
+        run.benchmark_stderrs["judge win rate"] = _number(evaluation.get("judge", "win_rate_stderr"))
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _benchmark_column(name: str, entry: Any) -> str:

@@ -11,10 +11,9 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +53,18 @@ from ila.evaluation import (
 )
 from ila.judge import Message, generate_answers, openai_judge, pairwise_judge, prompt_ids
 from ila.lora_adapters import unwrap
+from ila.manifest import Manifest, ModelRecord
 from ila.model_loading import LoadedModel, pick_device
 from ila.run_folder import (
     Timings,
     atomic_write_text,
-    hardware,
     peak_memory,
     prepare_run_dir,
-    read_manifest,
     reset_peak_memory,
     write_json,
 )
 from ila.sft_data import Example
-from ila.versions import package_version, package_versions
+from ila.versions import package_version
 
 EVALUATE_EXAMPLES = """examples:
   ila evaluate --model ./my-llama --data train.jsonl                       # held-out loss and perplexity
@@ -264,8 +262,8 @@ def _output_folder(output: str | None, overwrite: bool) -> tuple[Path, bool]:
     """(folder, whether to write manifest.json): an existing identify/finetune run folder gets eval.json only."""
     if output and (Path(output) / "manifest.json").is_file():
         folder = Path(output)
-        kind = read_manifest(folder).get("kind")
-        if kind != "evaluate":
+        manifest = Manifest.read(folder)
+        if manifest is not None and manifest.kind != "evaluate":
             if (folder / EVAL_FILE).exists() and not overwrite:
                 raise IlaError(f"{folder / EVAL_FILE} already exists; pass --overwrite to replace it")
             return folder, False
@@ -303,25 +301,14 @@ def run_evaluate(
     with timings.measure("sft loss"):
         sft, examples = sft_metrics(model, loaded.tokenizer, cfg, device)
     run_dir, own_manifest = _output_folder(cfg.run.output, overwrite)
-    record: dict[str, Any] = {
-        "kind": "evaluate",
-        "status": "running",
-        "ila_command": command or " ".join(sys.argv),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {
-            "source": loaded.source,
-            "resolved": loaded.resolved_path,
-            "fingerprint": loaded.fingerprint,
-            "class": type(unwrap(model)).__name__,
-        },
-        "adapter": _adapter_record(settings.adapter),
-        "config": config_to_dict(cfg),
-        "seed": cfg.run.seed,
-        "versions": package_versions() | {"lm-eval": package_version("lm-eval")},
-        "hardware": hardware(),
-    }
+    record = Manifest("evaluate", config=config_to_dict(cfg), seed=cfg.run.seed)
+    record.model = replace(ModelRecord.of(loaded), class_name=type(unwrap(model)).__name__)
+    record.versions["lm-eval"] = package_version("lm-eval")
+    record.sections["adapter"] = _adapter_record(settings.adapter)
+    if command:
+        record.command = command
     if own_manifest:
-        write_json(run_dir / "manifest.json", record)
+        record.write(run_dir)
     judge = None
     try:
         with timings.measure("benchmarks"):
@@ -331,14 +318,12 @@ def run_evaluate(
                 judge = _run_judge(cfg, loaded, model, examples, adapter_a, adapter_b, device, ask)
     except IlaError as err:
         if own_manifest:
-            write_json(run_dir / "manifest.json", record | {"status": "failed", "error": str(err)})
+            record.fail(run_dir, str(err), timings.seconds, peak_memory())
         raise
     timings.seconds["total"] = time.perf_counter() - started
     memory = peak_memory()
-    record.update(
-        status="complete",
-        timings=timings.seconds,
-        memory=memory,
+    record.status, record.timings, record.memory = "complete", timings.seconds, memory
+    record.sections.update(
         sft={
             "split": sft.split,
             "loss": sft.loss,
@@ -355,16 +340,17 @@ def run_evaluate(
         benchmarks=benchmarks,
     )
     if judge is not None:
-        record["judge"] = judge
+        record.sections["judge"] = judge
     samples_file = run_dir / SAMPLES_FILE
     if log_samples:
         counts = write_samples(samples_file, sft, benchmark_samples)
-        record["samples"] = {"file": SAMPLES_FILE, "records": counts}
+        record.sections["samples"] = {"file": SAMPLES_FILE, "records": counts}
     elif samples_file.is_file():  # an earlier evaluation's samples would pass for this one's
         samples_file.unlink(missing_ok=True)
-    write_json(run_dir / EVAL_FILE, record)
-    if own_manifest:
-        write_json(run_dir / "manifest.json", {k: v for k, v in record.items() if k not in ("benchmarks", "judge")})
+    write_json(run_dir / EVAL_FILE, record.to_json())  # eval.json: the manifest with the results
+    if own_manifest:  # the results are in eval.json only
+        record.sections = {k: v for k, v in record.sections.items() if k not in ("benchmarks", "judge")}
+        record.write(run_dir)
     return EvaluateResult(
         run_dir, sft, benchmarks, judge, timings.seconds, memory, samples_file if log_samples else None
     )

@@ -23,15 +23,14 @@ from ila.errors import IlaError, NonFiniteLossError
 from ila.finetune_report import FinetuneResult, plot_loss_curves, write_finetune_report
 from ila.html_report import write_html_report
 from ila.layers import discover_layers
+from ila.manifest import Manifest
 from ila.model_loading import load_model, pick_device
 from ila.run_folder import (
     Timings,
-    manifest_base,
     peak_memory,
     prepare_run_dir,
     reset_peak_memory,
     write_csv,
-    write_json,
     write_yaml,
 )
 from ila.selection import Selection, all_layers, load_selection
@@ -141,10 +140,9 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     run_dir = prepare_run_dir(cfg.run.output, "finetune", overwrite)
     write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
     selection.save(run_dir / "selection.json")
-    manifest = manifest_base(cfg, loaded, data, len(layers), command)
-    manifest.update(method=cfg.finetune.method, selection=_selection_record(cfg, selection))
-    manifest["status"] = "running"
-    write_json(run_dir / "manifest.json", manifest)
+    manifest = Manifest.for_training("finetune", cfg, loaded, data, len(layers), command)
+    manifest.sections.update(method=cfg.finetune.method, selection=_selection_record(cfg, selection))
+    manifest.write(run_dir)
 
     pad_id = int(loaded.tokenizer.pad_token_id)
     heldout_batches = eval_batches(data.eval, cfg.finetune.batch_size, pad_id)
@@ -201,8 +199,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
                 before_zero_grad=trainable.before_zero_grad,
             )
     except NonFiniteLossError as err:
-        manifest.update(status="failed", error=str(err), timings=timings.seconds, memory=peak_memory())
-        write_json(run_dir / "manifest.json", manifest)
+        manifest.fail(run_dir, str(err), timings.seconds, peak_memory())
         raise IlaError(f"{err} (run folder {run_dir})") from None
     # the evaluations inside the loop count as held-out evaluation, not as training
     evaluations = timings.seconds.get("held-out evaluation", 0.0) - eval_before
@@ -229,10 +226,12 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
     result = FinetuneResult(
         run_dir, model, selection, loop, heldout, n_trainable, trainable.names, timings.seconds, memory
     )
-    manifest.update(
-        status="complete",
-        timings=timings.seconds,
-        memory=memory,
+    write_finetune_report(run_dir / "report.md", cfg, result, data, artifacts)
+    write_html_report(run_dir / "report.md", extra_images=("loss_curves.png",))
+    manifest.finish(
+        run_dir,
+        timings.seconds,
+        memory,
         artifacts=artifacts,
         trainable_params={
             "count": n_trainable,
@@ -241,10 +240,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, command: str = ""
         },
         training=loop_summary(loop),
         heldout_loss=heldout,
-    )
-    write_json(run_dir / "manifest.json", manifest)
-    write_finetune_report(run_dir / "report.md", cfg, result, data, artifacts)
-    write_html_report(run_dir / "report.md", extra_images=("loss_curves.png",))
+    )  # last: "complete" means every artifact is in place
     return result
 
 

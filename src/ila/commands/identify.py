@@ -35,16 +35,14 @@ from ila.html_report import write_html_report
 from ila.identify_report import write_identify_report
 from ila.layers import Layer
 from ila.lora_adapters import LayerMask, load_lora, remove_lora
+from ila.manifest import Manifest
 from ila.model_loading import LoadedModel
 from ila.plots import plot_heatmap
 from ila.run_folder import (
     Timings,
-    manifest_base,
     peak_memory,
     prepare_run_dir,
-    read_manifest,
     reset_peak_memory,
-    write_json,
     write_yaml,
 )
 from ila.sft_data import SftData, eval_batches
@@ -208,9 +206,8 @@ def run_identify(cfg: IdentifyConfig, overwrite: bool = False, command: str = ""
     loaded, layers, data = prepare_inputs(cfg, timings)
     run_dir = prepare_run_dir(cfg.run.output, "identify", overwrite)
     write_yaml(run_dir / "config.yaml", config_to_dict(cfg))
-    manifest = manifest_base(cfg, loaded, data, len(layers), command)
-    manifest["status"] = "running"
-    write_json(run_dir / "manifest.json", manifest)
+    manifest = Manifest.for_training("identify", cfg, loaded, data, len(layers), command)
+    manifest.write(run_dir)
     with tracking.session(cfg.run.report_to, run_dir, config_to_dict(cfg)):
         return _execute(cfg, run_dir, loaded, layers, data, timings, manifest, started)
 
@@ -229,19 +226,20 @@ def resume_identify(run_dir: Path, command: str = "", trust_remote_code: bool = 
     """Continue an interrupted identify run from its last checkpoints; finished stages are not redone."""
     if not (run_dir / "config.yaml").is_file():
         raise IlaError(f"{run_dir} is not an ila identify run folder (no config.yaml)")
-    previous = read_manifest(run_dir)
-    if previous.get("status") == "complete":
+    previous = Manifest.read(run_dir)
+    if previous is not None and previous.complete:
         raise IlaError(f"{run_dir} is already complete; nothing to resume")
     cfg = run_folder_config(run_dir, [], trust_remote_code)
     reset_peak_memory()
     timings = Timings()
     started = time.perf_counter()
     loaded, layers, data = prepare_inputs(cfg, timings)
-    if data.stats.fingerprint != previous.get("data", {}).get("sha256", data.stats.fingerprint):
+    started_on = previous.data.sha256 if previous is not None and previous.data is not None else None
+    if started_on is not None and data.stats.fingerprint != started_on:
         raise IlaError(f"the data of {run_dir} changed since the run started (sha256 differs); start a new run")
-    manifest = manifest_base(cfg, loaded, data, len(layers), command)
-    manifest.update(status="running", resumed=previous.get("resumed", 0) + 1)
-    write_json(run_dir / "manifest.json", manifest)
+    manifest = Manifest.for_training("identify", cfg, loaded, data, len(layers), command)
+    manifest.resumed = (previous.resumed if previous is not None else 0) + 1
+    manifest.write(run_dir)
     with tracking.session(cfg.run.report_to, run_dir, config_to_dict(cfg)):
         return _execute(cfg, run_dir, loaded, layers, data, timings, manifest, started)
 
@@ -253,7 +251,7 @@ def _execute(
     layers: list[Layer],
     data: SftData,
     timings: Timings,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     started: float,
 ) -> IdentifyResult:
     device = loaded.device
@@ -326,8 +324,7 @@ def _execute(
                 for i, run in enumerate(stage1_runs)
             ]
     except NonFiniteLossError as err:
-        manifest.update(status="failed", error=str(err), timings=timings.seconds, memory=peak_memory())
-        write_json(run_dir / "manifest.json", manifest)
+        manifest.fail(run_dir, str(err), timings.seconds, peak_memory())
         raise IlaError(f"{err} (run folder {run_dir} keeps what was saved before)") from None
     ranking.info["warnings"] = information_warnings(stage1_runs, ranking)
     with timings.measure("write artifacts"):
@@ -339,15 +336,14 @@ def _execute(
     result = IdentifyResult(run_dir, ranking, stage1, stage2, heldout, timings.seconds, memory)
     write_identify_report(run_dir / "report.md", cfg, result, data.stats, layers)
     write_html_report(run_dir / "report.md", extra_images=("heatmap.png",))
-    manifest.update(
-        status="complete",
-        timings=timings.seconds,
-        memory=memory,
+    manifest.finish(
+        run_dir,
+        timings.seconds,
+        memory,
         stage1=_stage1_summary(stage1),
         stage2=loop_summary(stage2.loop),
         heldout_loss=heldout,
     )
-    write_json(run_dir / "manifest.json", manifest)  # last: "complete" means every artifact is in place
     return result
 
 
@@ -397,21 +393,13 @@ def run_milestone(
     plot_heatmap(ranking, out / "heatmap.png", top_fraction=cfg.run.report_top_fraction)
     timings.seconds["total"] = time.perf_counter() - started
     memory = peak_memory()
-    manifest = manifest_base(cfg, loaded, data, len(layers), command)
-    manifest.update(
-        status="complete",
-        milestone=milestone,
-        stage1_adapter=str(adapter),
-        timings=timings.seconds,
-        memory=memory,
-        stage2=loop_summary(stage2.loop),
-        heldout_loss=heldout,
-    )
     write_yaml(out / "config.yaml", config_to_dict(cfg))
-    write_json(out / "manifest.json", manifest)
     result = IdentifyResult(out, ranking, None, stage2, heldout, timings.seconds, memory)
     write_identify_report(out / "report.md", cfg, result, data.stats, layers)
     write_html_report(out / "report.md", extra_images=("heatmap.png",))
+    manifest = Manifest.for_training("milestone", cfg, loaded, data, len(layers), command)
+    manifest.sections.update(milestone=milestone, stage1_adapter=str(adapter))
+    manifest.finish(out, timings.seconds, memory, stage2=loop_summary(stage2.loop), heldout_loss=heldout)
     return result
 
 

@@ -8,11 +8,9 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -22,12 +20,12 @@ from ila.commands._shared import Subparsers
 from ila.config import BUNDLED_DATA, DEFAULT_MODEL, DataConfig, LoraSettings, ModelConfig
 from ila.errors import IlaError, reading
 from ila.layers import discover_layers
+from ila.manifest import DataRecord, Manifest, ModelRecord
 from ila.model_loading import fingerprint_model_files, load_model, load_model_skeleton, pick_device, resolve_model_path
 from ila.ranking import Ranking
 from ila.ranking_methods import DATA_FREE, NEEDS_WEIGHTS, RankConfig, check_method, rank_with, resolve_adapter_dir
-from ila.run_folder import hardware, peak_memory, prepare_run_dir, reset_peak_memory, write_json
+from ila.run_folder import peak_memory, prepare_run_dir, reset_peak_memory
 from ila.sft_data import Example, load_sft_data
-from ila.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -193,32 +191,20 @@ def run_rank(
     model_cfg = ModelConfig(name=model_name, include_lm_head=include_lm_head, trust_remote_code=trust_remote_code)
     torch.manual_seed(settings.seed)
     clock = time.perf_counter()
-    model_info: dict[str, Any]
     model: nn.Module
     if method in NEEDS_WEIGHTS:
         loaded = load_model(model_cfg, pick_device(device))
-        model = loaded.model
-        model_info = {
-            "source": model_name,
-            "resolved": loaded.resolved_path,
-            "fingerprint": loaded.fingerprint,
-            "class": type(loaded.model).__name__,
-        }
+        model, resolved, fingerprint = loaded.model, loaded.resolved_path, loaded.fingerprint
     else:  # the module tree is enough: built on the meta device, no weights read
         loaded = None
         model = load_model_skeleton(model_cfg)
         resolved, is_local = resolve_model_path(model_name)
-        model_info = {
-            "source": model_name,
-            "resolved": resolved,
-            "class": type(model).__name__,
-            "fingerprint": fingerprint_model_files(Path(resolved)) if is_local else f"hub:{resolved}",
-        }
+        fingerprint = fingerprint_model_files(Path(resolved)) if is_local else f"hub:{resolved}"
     timings["load model"] = time.perf_counter() - clock
     layers = discover_layers(model, include_lm_head)
-    model_info["n_layers"] = len(layers)
+    model_record = ModelRecord(model_name, resolved, fingerprint, type(model).__name__, len(layers))
     examples: list[Example] | None = None
-    data_info: dict[str, Any] | None = None
+    data_record: DataRecord | None = None
     pad_id = 0
     if method == "grad-norm":
         assert loaded is not None
@@ -228,11 +214,7 @@ def run_rank(
         )
         timings["load data"] = time.perf_counter() - clock
         examples, pad_id = sft.train, int(loaded.tokenizer.pad_token_id)
-        data_info = {
-            "source": sft.stats.source,
-            "sha256": sft.stats.fingerprint,
-            "train_examples": sft.stats.train_examples,
-        }
+        data_record = DataRecord(sft.stats.source, sft.stats.fingerprint, train_examples=sft.stats.train_examples)
     run_dir = prepare_run_dir(output, f"rank-{method}", overwrite)
     try:
         clock = time.perf_counter()
@@ -242,25 +224,18 @@ def run_rank(
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             shutil.rmtree(run_dir, ignore_errors=True)  # a failed ranking leaves no empty run folder behind
         raise
-    ranking.info.update({"model": model_name, "model_fingerprint": model_info["fingerprint"]})
-    if data_info is not None:
-        ranking.info.update({"data": data_info["source"], "data_sha256": data_info["sha256"]})
+    ranking.info.update({"model": model_name, "model_fingerprint": fingerprint})
+    if data_record is not None:
+        ranking.info.update({"data": data_record.source, "data_sha256": data_record.sha256})
     ranking.save(run_dir)
     timings["total"] = time.perf_counter() - started
-    manifest = {
-        "ila_command": command or " ".join(sys.argv),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "method": method,
-        "settings": asdict(settings),
-        "model": model_info,
-        "data": data_info,
-        "adapter": str(resolve_adapter_dir(adapter)) if adapter is not None else None,
-        "seed": settings.seed,
-        "versions": package_versions(),
-        "hardware": hardware(),
-        "timings": timings,
-        "memory": peak_memory(),
-        "status": "complete",
-    }
-    write_json(run_dir / "manifest.json", manifest)  # last: its presence means the ranking is in place
+    manifest = Manifest("rank", model=model_record, data=data_record, seed=settings.seed)
+    if command:
+        manifest.command = command
+    manifest.sections.update(
+        method=method,
+        settings=asdict(settings),
+        adapter=str(resolve_adapter_dir(adapter)) if adapter is not None else None,
+    )
+    manifest.finish(run_dir, timings, peak_memory())  # last: its presence means the ranking is in place
     return RankResult(run_dir, ranking, timings)

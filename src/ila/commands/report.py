@@ -4,7 +4,6 @@ to the output folder (the rows and their formatting: ila.side_by_side)."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -14,7 +13,8 @@ from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
 from ila.errors import IlaError
 from ila.html_report import write_html_report
-from ila.run_folder import atomic_write_text, prepare_run_dir, write_csv, write_json
+from ila.manifest import Manifest
+from ila.run_folder import atomic_write_text, peak_memory, prepare_run_dir, write_csv
 from ila.side_by_side import RunSummary, legend, markdown_table, plot_report, read_run, report_markdown, table_rows
 
 REPORT_EXAMPLES = """examples:
@@ -63,6 +63,7 @@ def run_report(
     folders: Sequence[str | Path], output: str | None = None, overwrite: bool = False, command: str = ""
 ) -> RunReport:
     """Read every run folder (all of them before anything is written), then write the report folder."""
+    started = time.perf_counter()
     if not folders:
         raise IlaError("give at least one run folder: ila report RUN [RUN ...]")
     runs = [read_run(folder) for folder in folders]
@@ -72,14 +73,10 @@ def run_report(
     write_csv(run_dir / "report.csv", table_rows(runs))
     plot_report(runs, run_dir / "report.png")
     write_html_report(run_dir / "report.md")  # report.md shows report.png itself
-    write_json(
-        run_dir / "manifest.json",
-        {
-            "kind": "report",
-            "status": "complete",
-            "ila_command": command or " ".join(sys.argv),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "runs": [asdict(run) for run in runs],
-        },
+    manifest = Manifest("report")
+    if command:
+        manifest.command = command
+    manifest.finish(
+        run_dir, {"total": time.perf_counter() - started}, peak_memory(), runs=[asdict(run) for run in runs]
     )
     return RunReport(run_dir, runs, markdown)
