@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ila.config import DataConfig, LoraSettings, ModelConfig
+from ila.config import DataConfig, LoraShapeConfig, ModelConfig
 from ila.errors import IlaError
 from ila.layers import Layer, discover_layers
 from ila.lora_adapters import attach_lora, lora_config_for
@@ -124,7 +124,7 @@ def lora_trainee(
 ) -> Trainee:
     """LoRA (ila's defaults: r=8, alpha 16, dropout 0.05) on `layers` of `model`, with AdamW as `ila finetune`."""
     torch.manual_seed(SEED)
-    peft_model = attach_lora(model, layers, LoraSettings())  # type: ignore[arg-type]
+    peft_model = attach_lora(model, layers, LoraShapeConfig())  # type: ignore[arg-type]
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
@@ -178,7 +178,7 @@ def memory_rule(kind: str = "top_fraction", value: float = FRACTION, method: str
         kind,
         value,
         method=method,  # type: ignore[arg-type]
-        lora_r=LoraSettings().r,
+        lora_r=LoraShapeConfig().r,
         batch_size=BATCH,  # type: ignore[arg-type]
         seq_len=DataConfig().max_length,
         weight_bytes=4.0,
@@ -343,7 +343,7 @@ def selective_lora(
     forward_gb = memory[NO_TRAINING]["peak_gb"]
     base_time = statistics.median(seconds[chosen[0].name])
     base_mem = memory[chosen[0].name]["peak_gb"]
-    r = LoraSettings().r
+    r = LoraShapeConfig().r
     trained = "trained weights" if method == "full" else "LoRA params"
     print()
     print(
@@ -480,7 +480,7 @@ def trl_comparison(
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=lora_config_for(layers, LoraSettings()),
+            peft_config=lora_config_for(layers, LoraShapeConfig()),
             data_collator=recording_collator,
             callbacks=[Interleave()],
         )

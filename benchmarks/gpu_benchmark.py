@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ila.config import LoraSettings
+from ila.config import LoraShapeConfig
 from ila.layers import Layer, discover_layers
 from ila.lora_adapters import attach_lora, lora_parameters, remove_lora
 from ila.sft_data import Batch
@@ -112,7 +112,7 @@ def main() -> None:
     print(f"batch {args.batch} x {seq} tokens, {args.steps} timed steps per configuration after {WARMUP} warm-up")
 
     for setup in setups:  # one configuration at a time in memory: attach, time its steps, detach
-        model = attach_lora(base, setup.layers, LoraSettings(r=16, alpha=32, dropout=0.0))
+        model = attach_lora(base, setup.layers, LoraShapeConfig(r=16, alpha=32, dropout=0.0))
         params = lora_parameters(model, setup.layers)
         opt = torch.optim.AdamW(params, lr=1e-4)
         if device.type == "cuda":

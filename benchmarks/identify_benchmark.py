@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ila.config import DataConfig, LoraSettings, ModelConfig, Stage2Config
+from ila.config import DataConfig, LoraShapeConfig, ModelConfig, Stage2Config
 from ila.layers import discover_layers
 from ila.lora_adapters import LayerMask, attach_lora, lora_parameters
 from ila.model_loading import load_model
@@ -43,7 +43,7 @@ def step_ratio(steps: int) -> None:
     loaded = load_model(ModelConfig())
     data = load_sft_data(DataConfig(), loaded.tokenizer, seed=0)
     layers = discover_layers(loaded.model)
-    peft_model = attach_lora(loaded.model, layers, LoraSettings())
+    peft_model = attach_lora(loaded.model, layers, LoraShapeConfig())
     lora_params = lora_parameters(peft_model, layers)
     for p in lora_params:  # a trained-looking update, so Stage 2 sees a non-zero branch
         torch.nn.init.normal_(p, std=0.01)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from finetune_benchmark import BATCH, MEMORY_STEPS, SEED, make_trainee, rss_peak_gb, widest_batches
 
-from ila.config import DataConfig, LoraSettings, ModelConfig
+from ila.config import DataConfig, LoraShapeConfig, ModelConfig
 from ila.layers import Layer, discover_layers
 from ila.model_loading import load_model, load_model_skeleton, resolve_model_path
 from ila.run_folder import resident_gb
@@ -69,7 +69,7 @@ def estimate(shapes: ModelShapes, method: str, which: str, width: int) -> float:
     """selection.py's estimate for the configuration: fp32 weights, batch 4 x the measured width."""
     layers = chosen_layers(shapes.layers, shapes.n_blocks, which)
     rule = SelectionRule(
-        "all", method=method, lora_r=LoraSettings().r, batch_size=BATCH, seq_len=width, weight_bytes=4.0
+        "all", method=method, lora_r=LoraShapeConfig().r, batch_size=BATCH, seq_len=width, weight_bytes=4.0
     )  # type: ignore[arg-type]
     return estimate_training_memory(layers, shapes, rule)["total_gb"]
 

@@ -168,3 +168,16 @@ def test_config_file_errors_are_ila_errors(tmp_path: Path) -> None:
         load_config(IdentifyConfig, bad)
     with pytest.raises(IlaError, match="mapping"):
         load_config(IdentifyConfig, write_yaml(tmp_path, "- a\n- b\n"))
+
+
+def test_config_classes_share_one_suffix_and_old_names_still_import() -> None:
+    import ila.config as config
+
+    classes = [v for v in vars(config).values() if isinstance(v, type) and dataclasses.is_dataclass(v)]
+    assert len(classes) >= 12 and all(c.__name__.endswith("Config") for c in classes)
+    with pytest.warns(DeprecationWarning, match="LoraSettings is now ila.config.LoraShapeConfig"):
+        assert config.LoraSettings is config.LoraShapeConfig
+    with pytest.warns(DeprecationWarning, match="FinetuneSettings"):
+        assert config.FinetuneSettings is config.TrainingConfig
+    with pytest.raises(AttributeError):
+        _ = config.NoSuchSettings

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from ila.cli import main
 from ila.commands.evaluate import run_evaluate
-from ila.config import EvaluateConfig, LoraSettings, build_config
+from ila.config import EvaluateConfig, LoraShapeConfig, build_config
 from ila.errors import IlaError
 from ila.evaluation import (
     EVAL_FILE,
@@ -47,7 +47,7 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     folder = tmp_path_factory.mktemp("adapters")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     layers = discover_layers(model)[:6]
-    peft_model = attach_lora(model, layers, LoraSettings(r=4, alpha=8))
+    peft_model = attach_lora(model, layers, LoraShapeConfig(r=4, alpha=8))
     peft_model.save_pretrained(str(folder / "zero"))
     torch.manual_seed(1)
     with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ila.config import LoraSettings
+from ila.config import LoraShapeConfig
 from ila.errors import IlaError
 from ila.layers import discover_layers, find_block_list, module_types, summarize_layers
 from ila.lora_adapters import attach_lora
@@ -72,7 +72,7 @@ def test_include_lm_head_adds_one_layer(family: str) -> None:
 def test_lora_attaches_to_exactly_the_discovered_layers(family: str) -> None:
     model = BUILDERS[family]()
     layers = discover_layers(model)
-    peft_model = attach_lora(model, layers, LoraSettings(r=2, alpha=4, dropout=0.0))
+    peft_model = attach_lora(model, layers, LoraShapeConfig(r=2, alpha=4, dropout=0.0))
     wrapped = [
         name.removeprefix("base_model.model.")
         for name, module in peft_model.named_modules()

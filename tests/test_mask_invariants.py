@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from ila.config import DataConfig, LoraSettings, Stage1Config, Stage2Config
+from ila.config import DataConfig, LoraShapeConfig, Stage1Config, Stage2Config
 from ila.layers import discover_layers
 from ila.lora_adapters import (
     LayerMask,
@@ -33,7 +33,7 @@ def random_lora_model(build, r: int = 4, seed: int = 0):
     """A tiny model with LoRA on every layer and nonzero random B (PEFT starts B at zero)."""
     model = build()
     layers = discover_layers(model)
-    peft_model = attach_lora(model, layers, LoraSettings(r=r, alpha=8, dropout=0.1)).eval()
+    peft_model = attach_lora(model, layers, LoraShapeConfig(r=r, alpha=8, dropout=0.1)).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for factors in lora_factors(peft_model, layers):
@@ -181,7 +181,7 @@ def test_stage1_trains_only_lora_factors_and_lowers_the_loss(
         model,
         layers,
         data.train,
-        LoraSettings(r=4, alpha=8, dropout=0.0),
+        LoraShapeConfig(r=4, alpha=8, dropout=0.0),
         cfg,
         seed=0,
         pad_id=1,
@@ -211,7 +211,7 @@ def test_stage1_saves_every_milestone_when_two_fall_on_one_step(
         model,
         discover_layers(model),
         data.train,
-        LoraSettings(r=2),
+        LoraShapeConfig(r=2),
         cfg,
         seed=0,
         pad_id=1,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ila.config import LoraSettings, Stage2Config
+from ila.config import LoraShapeConfig, Stage2Config
 from ila.layers import discover_layers
 from ila.lora_adapters import LayerMask, attach_lora, lora_factors
 from ila.ranking import rank_layers
@@ -45,7 +45,7 @@ def planted_case(seed: int = 0, n_sequences: int = 128, length: int = 24):
     )
     model = LlamaForCausalLM(config).eval()
     layers = discover_layers(model)
-    peft_model = attach_lora(model, layers, LoraSettings(r=4, alpha=4, dropout=0.0)).eval()
+    peft_model = attach_lora(model, layers, LoraShapeConfig(r=4, alpha=4, dropout=0.0)).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     factors = lora_factors(peft_model, layers)
 

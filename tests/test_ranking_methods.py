@@ -13,7 +13,7 @@ import torch
 
 from ila.cli import main
 from ila.commands.rank import run_rank
-from ila.config import DataConfig, LoraSettings
+from ila.config import DataConfig, LoraShapeConfig
 from ila.errors import IlaError
 from ila.layers import Layer, discover_layers
 from ila.lora_adapters import attach_lora, lora_factors
@@ -87,7 +87,7 @@ def save_planted_adapter(folder: Path) -> tuple[list[Layer], dict[str, float]]:
     """A LoRA adapter with small random B everywhere and a large B on PLANTED; returns the true update norms."""
     model = tiny_llama()
     layers = discover_layers(model)
-    peft_model = attach_lora(model, layers, LoraSettings(r=4, alpha=8, dropout=0.0))
+    peft_model = attach_lora(model, layers, LoraShapeConfig(r=4, alpha=8, dropout=0.0))
     generator = torch.Generator().manual_seed(0)
     truth = {}
     with torch.no_grad():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ila.config import DataConfig, LoraSettings, Stage1Config, Stage2Config
+from ila.config import DataConfig, LoraShapeConfig, Stage1Config, Stage2Config
 from ila.layers import discover_layers
 from ila.sft_data import Batch, load_sft_data
 from ila.stage1_lora import lr_factor, milestone_steps, profile_change, run_stage1
@@ -32,7 +32,7 @@ def _stage1(examples: list, cfg: Stage1Config, out: Path):  # type: ignore[no-un
     model = tiny_llama()
     layers = discover_layers(model)
     peft_model, result = run_stage1(
-        model, layers, examples, LoraSettings(dropout=0.0), cfg, 0, 1, torch.device("cpu"), out
+        model, layers, examples, LoraShapeConfig(dropout=0.0), cfg, 0, 1, torch.device("cpu"), out
     )
     return peft_model, result, layers
 

@@ -3,6 +3,11 @@
 Every stage reads its own section. Unknown keys and values of the wrong type are `IlaError`s that name the
 dotted key, because a typo in a config must never silently fall back to a default.
 
+Names: a command's whole config is `<Command>Config` (IdentifyConfig, FinetuneConfig, EvaluateConfig); each
+section is a `...Config` named for what it configures, where the section's own name is taken by the command
+(`finetune:` -> TrainingConfig, `evaluate:` -> ScoringConfig) or by PEFT (`lora:` -> LoraShapeConfig,
+`adalora:` -> AdaLoraScheduleConfig). The `...Settings` names of earlier versions still import, with a warning.
+
 Over 500 lines because every config section lives here, so that YAML keys, their defaults and the checks on
 them read in one place.
 """
@@ -15,6 +20,7 @@ import logging
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -72,8 +78,9 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class LoraSettings:
-    """LoRA factors trained in Stage 1 on every linear layer of every block."""
+class LoraShapeConfig:
+    """The `lora:` section: the shape of every LoRA adapter ila attaches (Stage 1 on every linear layer of every
+    block; `ila finetune --method lora` on the selected ones)."""
 
     r: int = 8
     alpha: int = 16
@@ -219,7 +226,7 @@ class IdentifyConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraShapeConfig = field(default_factory=LoraShapeConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     run: RunConfig = field(default_factory=RunConfig)
@@ -229,8 +236,9 @@ FINETUNE_METHODS = ("lora", "adalora", "qlora", "full")
 
 
 @dataclass(frozen=True)
-class FinetuneSettings:
-    """`ila finetune`: which method trains the selected layers, from the base model, and for how long."""
+class TrainingConfig:
+    """The `finetune:` section of `ila finetune`: which method trains the selected layers, from the base model, and
+    for how long."""
 
     method: Literal["lora", "adalora", "qlora", "full"] = "lora"
     selection: str | None = None  # selection.json; None = every linear layer of every block (the baseline)
@@ -259,7 +267,7 @@ class FinetuneSettings:
 
 
 @dataclass(frozen=True)
-class AdaLoraSettings:
+class AdaLoraScheduleConfig:
     """AdaLoRA (method adalora): ranks start at init_r and are pruned to an average target_r during training."""
 
     init_r: int = 12
@@ -298,7 +306,7 @@ class AdaLoraSettings:
 
 
 @dataclass(frozen=True)
-class QLoraSettings:
+class QLoraConfig:
     """QLoRA (method qlora): the base model in 4 bits via bitsandbytes (CUDA only), LoRA on the selected layers."""
 
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -313,16 +321,17 @@ class FinetuneConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
-    adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
-    qlora: QLoraSettings = field(default_factory=QLoraSettings)
+    lora: LoraShapeConfig = field(default_factory=LoraShapeConfig)
+    finetune: TrainingConfig = field(default_factory=TrainingConfig)
+    adalora: AdaLoraScheduleConfig = field(default_factory=AdaLoraScheduleConfig)
+    qlora: QLoraConfig = field(default_factory=QLoraConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
 @dataclass(frozen=True)
-class EvaluateSettings:
-    """`ila evaluate`: SFT loss/perplexity, optional lm-eval benchmarks, optional pairwise judge."""
+class ScoringConfig:
+    """The `evaluate:` section of `ila evaluate`: what is scored (SFT loss/perplexity/next-token accuracy, optional
+    lm-eval benchmarks, optional pairwise judge) and on which model."""
 
     adapter: str | None = None  # PEFT adapter folder, finetune run folder or selected_weights.safetensors
     split: Literal["heldout", "all"] = "heldout"  # heldout: the same held-out examples identify/finetune use
@@ -366,7 +375,7 @@ class EvaluateConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    evaluate: ScoringConfig = field(default_factory=ScoringConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -574,3 +583,21 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return plain(dataclasses.asdict(config))
+
+
+# the names of earlier versions (config classes now share one suffix)
+_RENAMED = {
+    "LoraSettings": "LoraShapeConfig",
+    "AdaLoraSettings": "AdaLoraScheduleConfig",
+    "QLoraSettings": "QLoraConfig",
+    "FinetuneSettings": "TrainingConfig",
+    "EvaluateSettings": "ScoringConfig",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"ila.config.{name} is now ila.config.{new}", DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

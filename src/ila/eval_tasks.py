@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ila.config import (
-    EvaluateSettings,
+    ScoringConfig,
 )
 from ila.errors import IlaError, first_line
 
@@ -244,7 +244,7 @@ def _lm_eval_task_manager() -> Any:
     return TaskManager()
 
 
-def benchmark_tasks(settings: EvaluateSettings, seed: int) -> list[BenchmarkTask]:
+def benchmark_tasks(settings: ScoringConfig, seed: int) -> list[BenchmarkTask]:
     """Check every benchmark name and file before any model is loaded; raises IlaError naming the bad one."""
     tasks: list[BenchmarkTask] = []
     hub_names: list[str] = []
@@ -322,7 +322,7 @@ def run_benchmarks(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[BenchmarkTask],
-    settings: EvaluateSettings,
+    settings: ScoringConfig,
     log_samples: bool = False,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Run the tasks through lm-eval on the already-loaded model.

@@ -43,7 +43,7 @@ TrainingMethod = Literal["lora", "adalora", "qlora", "full"]
 
 
 @dataclass(frozen=True)
-class ExperimentFinetune:
+class ExperimentFinetuneConfig:
     """`finetune:` train the layers each rule selects, from the base model, with the same steps for all."""
 
     steps: int = 100
@@ -128,7 +128,7 @@ class ExperimentConfig:
     k_percents: tuple[float, ...] = (10.0, 30.0, 50.0)
     threads: int | None = None
     output: str | None = None  # default: runs/experiment-<config file stem>
-    finetune: ExperimentFinetune | None = None
+    finetune: ExperimentFinetuneConfig | None = None
     trust_remote_code: bool = False  # from the command line only, never from the YAML
 
     def __post_init__(self) -> None:
@@ -244,7 +244,9 @@ def load_experiment(path: str | Path, trust_remote_code: bool = False) -> Experi
     # field by field by build_config (unknown keys name the dotted key)
     plain = {k: v for k, v in values.items() if k != "finetune"}
     cfg = build_config(_ExperimentFields, plain)
-    ft = build_config(ExperimentFinetune, values["finetune"], prefix="finetune.") if "finetune" in values else None
+    ft = (
+        build_config(ExperimentFinetuneConfig, values["finetune"], prefix="finetune.") if "finetune" in values else None
+    )
     if ft is not None:
         ft = replace(ft, overrides=tuple(ft_overrides), method_overrides=tuple(method_overrides))
     config = ExperimentConfig(

@@ -26,7 +26,7 @@ import yaml
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ila.config import LoraSettings
+from ila.config import LoraShapeConfig
 from ila.errors import IlaError
 from ila.lora_adapters import applied_ranks, lora_targets, rank_patterns
 from ila.selection import SelectedLayer, Selection
@@ -199,7 +199,7 @@ def _yaml(body: dict[str, Any], head: Sequence[str], *more: str, why: dict[str, 
 
 
 def _lora_kwargs(
-    names: list[str] | str, lora: LoraSettings, fan_in_fan_out: bool, ranks: dict[str, int] | None = None
+    names: list[str] | str, lora: LoraShapeConfig, fan_in_fan_out: bool, ranks: dict[str, int] | None = None
 ) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "r": lora.r,
@@ -248,7 +248,7 @@ class _Checker:
         targeted = lora_targets(copy.deepcopy(self.model), target_modules, self.fan_in_fan_out)
         self._compare(f"{what} (PEFT LoraConfig applied)", targeted, self.names, "modules")
 
-    def ranks(self, what: str, lora_kwargs: dict[str, Any], ranks: dict[str, int], lora: LoraSettings) -> None:
+    def ranks(self, what: str, lora_kwargs: dict[str, Any], ranks: dict[str, int], lora: LoraShapeConfig) -> None:
         """Each selected module gets its own rank, and the scale alpha/r of the uniform setting, under PEFT."""
         got = applied_ranks(copy.deepcopy(self.model), lora_kwargs)
         self._compare(f"{what} (PEFT LoraConfig applied)", list(got), self.names, "modules")
@@ -278,7 +278,7 @@ def export_selection(
     model: nn.Module,
     model_label: str,
     method: Method | None = None,
-    lora: LoraSettings | None = None,
+    lora: LoraShapeConfig | None = None,
 ) -> Export:
     """Build the `target` trainer's config for `selection` and verify it on `model`; raises IlaError if it fails."""
     if target not in TARGETS:
@@ -289,7 +289,7 @@ def export_selection(
         hint = ", ".join(t for t, m in METHODS.items() if method in m)
         raise IlaError(f"{target} cannot express {method} fine-tuning of chosen layers; use --to {hint}")
     r = selection.rule.lora_r
-    lora = lora or LoraSettings(r=r, alpha=2 * r, dropout=default_dropout(target))
+    lora = lora or LoraShapeConfig(r=r, alpha=2 * r, dropout=default_dropout(target))
     check = _Checker(model, selection, model_label)
     names = selection.names()
     ranks = selection.lora_ranks()

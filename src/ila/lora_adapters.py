@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from ila.config import AdaLoraSettings, LoraSettings
+from ila.config import AdaLoraScheduleConfig, LoraShapeConfig
 from ila.distributed import full
 from ila.errors import reading
 from ila.layers import Layer
@@ -32,7 +32,7 @@ _PEFT_PREFIX = "base_model.model."
 
 def lora_config_for(
     layers: Sequence[Layer],
-    settings: LoraSettings,
+    settings: LoraShapeConfig,
     fan_in_fan_out: bool = False,
     ranks: dict[str, int] | None = None,
 ) -> LoraConfig:
@@ -51,7 +51,7 @@ def lora_config_for(
     )
 
 
-def rank_patterns(ranks: dict[str, int] | None, settings: LoraSettings) -> dict[str, dict[str, int | float]]:
+def rank_patterns(ranks: dict[str, int] | None, settings: LoraShapeConfig) -> dict[str, dict[str, int | float]]:
     """PEFT's rank_pattern and alpha_pattern for per-layer ranks, keyed by full module name (PEFT matches a key
     as `(.*\\.)?KEY$`, so a full name reaches only that module). Each alpha keeps the scale alpha/r of the uniform
     setting, so a layer's update is scaled alike whatever its rank."""
@@ -69,7 +69,7 @@ def uses_conv1d(model: nn.Module, layers: Sequence[Layer]) -> bool:
 
 
 def attach_lora(
-    model: PreTrainedModel, layers: Sequence[Layer], settings: LoraSettings, ranks: dict[str, int] | None = None
+    model: PreTrainedModel, layers: Sequence[Layer], settings: LoraShapeConfig, ranks: dict[str, int] | None = None
 ) -> PeftModel:
     """Wrap `model` with LoRA on exactly `layers` (PEFT's own init: A random, B zero, so the start is θ0), at
     `ranks` where given."""
@@ -234,7 +234,11 @@ class LayerMask:
 
 
 def attach_adalora(
-    model: PreTrainedModel, layers: Sequence[Layer], lora: LoraSettings, adalora: AdaLoraSettings, total_step: int
+    model: PreTrainedModel,
+    layers: Sequence[Layer],
+    lora: LoraShapeConfig,
+    adalora: AdaLoraScheduleConfig,
+    total_step: int,
 ) -> PeftModel:
     """Wrap `model` with AdaLoRA on exactly `layers`; `total_step` is the planned number of optimizer steps."""
     from peft import AdaLoraConfig

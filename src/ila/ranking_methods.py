@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ila.config import LoraSettings
+from ila.config import LoraShapeConfig
 from ila.errors import IlaError
 from ila.layers import Layer, module_types
 from ila.lora_adapters import (
@@ -53,7 +53,7 @@ class RankConfig:
     normalize: bool = True  # delta-norm, grad-norm: per-entry RMS instead of the raw Frobenius norm (see below)
     grad_batches: int = 8  # grad-norm: batches of sft_loss backward, no optimizer step
     batch_size: int = 4  # grad-norm
-    lora: LoraSettings = field(default_factory=LoraSettings)  # grad-norm: the fresh adapter whose B is measured
+    lora: LoraShapeConfig = field(default_factory=LoraShapeConfig)  # grad-norm: the fresh adapter whose B is measured
     snr_divide_by_max: bool = False  # snr: also divide by σ_max as Spectrum does; not comparable across shapes
 
     def __post_init__(self) -> None:

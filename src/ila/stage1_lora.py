@@ -24,7 +24,7 @@ from peft import PeftModel
 
 from ila import distributed
 from ila.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
-from ila.config import LoraSettings, Stage1Config
+from ila.config import LoraShapeConfig, Stage1Config
 from ila.distributed import full
 from ila.errors import reading
 from ila.fsdp import copy_full_into, load_optimizer_state, lora_state_dict, optimizer_state, shard_if_enabled
@@ -98,7 +98,7 @@ def run_stage1(
     model: torch.nn.Module,
     layers: Sequence[Layer],
     train_examples: list[Example],
-    lora: LoraSettings,
+    lora: LoraShapeConfig,
     cfg: Stage1Config,
     seed: int,
     pad_id: int,

@@ -10,7 +10,7 @@ from torch import nn
 
 from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
-from ila.config import LoraSettings, ModelConfig
+from ila.config import LoraShapeConfig, ModelConfig
 from ila.errors import IlaError
 from ila.export import TARGETS, Export, Method, default_dropout, export_selection
 from ila.run_folder import atomic_write_text
@@ -133,7 +133,7 @@ def run_export(
     selection = load_selection(selection_path)
     r = lora_r or selection.rule.lora_r
     dropout = default_dropout(target) if lora_dropout is None else lora_dropout
-    lora = LoraSettings(r=r, alpha=lora_alpha or 2 * r, dropout=dropout)
+    lora = LoraShapeConfig(r=r, alpha=lora_alpha or 2 * r, dropout=dropout)
     verify_on, label = verification_model(selection, model, meta, trust_remote_code)
     result = export_selection(selection, target, verify_on, label, method, lora)
     atomic_write_text(out, result.text)

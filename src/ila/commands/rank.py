@@ -17,7 +17,7 @@ from torch import nn
 
 from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
-from ila.config import BUNDLED_DATA, DEFAULT_MODEL, DataConfig, LoraSettings, ModelConfig
+from ila.config import BUNDLED_DATA, DEFAULT_MODEL, DataConfig, LoraShapeConfig, ModelConfig
 from ila.errors import IlaError, reading
 from ila.layers import discover_layers
 from ila.manifest import DataRecord, Manifest, ModelRecord
@@ -101,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
         normalize=not args.no_normalize,
         grad_batches=args.batches,
         batch_size=args.batch_size,
-        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha),
+        lora=LoraShapeConfig(r=args.lora_r, alpha=args.lora_alpha),
         snr_divide_by_max=args.snr_spectrum_ratio,
     )
     result = run_rank(
