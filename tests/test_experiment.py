@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def write_grid(folder: Path, model_dir: Path, data_a: Path) -> Path:
         "datasets": {"a": str(data_a), "b": "b.jsonl"},  # b: relative to the YAML's folder
         "seeds": [0, 1],
         "milestones": [50, 100],
-        "methods": ["ila", "random", "last"],
+        "rankings": ["ila", "random", "last"],
         "k_percents": [25, 50],
         "threads": 1,
         "identify": {
@@ -42,7 +43,7 @@ def write_grid(folder: Path, model_dir: Path, data_a: Path) -> Path:
             "steps": 2,
             "rules": ["top", "all"],
             "fractions": [0.3],
-            "methods": ["ila"],
+            "rankings": ["ila"],
             "overrides": {"finetune.eval_every": 1, "finetune.warmup_steps": 0},
         },
     }
@@ -140,7 +141,7 @@ def test_unit_that_fails_once_is_redone_alone(
     tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, counted: dict[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
-    raw.update(seeds=[0], methods=["ila"], milestones=[100])
+    raw.update(seeds=[0], rankings=["ila"], milestones=[100])
     del raw["finetune"]
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -173,13 +174,35 @@ def test_unit_that_fails_once_is_redone_alone(
     assert "| seed 0 | a vs b |" in (tmp_path / "exp" / "report.md").read_text(encoding="utf-8")
 
 
+def test_old_key_names_still_read_with_a_warning(
+    tmp_path: Path, tiny_model_dir: Path, tiny_data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_grid(tmp_path, tiny_model_dir, tiny_data)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw["methods"] = raw.pop("rankings")
+    raw["finetune"]["methods"] = raw["finetune"].pop("rankings")
+    raw["finetune"]["transfer_methods"] = ["ila"]
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        cfg = load_experiment(old)
+    new = load_experiment(path)
+    assert new.finetune is not None and cfg == replace(new, finetune=replace(new.finetune, transfer_rankings=("ila",)))
+    assert "methods is now spelled rankings" in caplog.text
+    assert "finetune.transfer_methods is now spelled finetune.transfer_rankings" in caplog.text
+    raw["rankings"] = raw["methods"]
+    old.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with pytest.raises(IlaError, match="give rankings only"):
+        load_experiment(old)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         ({"sedes": [0]}, "unknown config key 'sedes'"),
         ({"finetune": {"stpes": 2}}, "unknown config key 'finetune.stpes'"),
         ({"identify": {"stage1.max_stpes": 2}}, "unknown config key 'stage1.max_stpes'"),
-        ({"methods": ["ila", "magic"]}, "unknown method 'magic'"),
+        ({"rankings": ["ila", "magic"]}, "unknown method 'magic'"),
         ({"finetune": {"ranked_on": ["zzz"]}}, "finetune.ranked_on: 'zzz' is not a data set"),
         # a data set's name becomes a folder name: it must not lead outside the experiment folder
         ({"datasets": {"../../escape": "b.jsonl"}}, "name '../../escape' is not allowed"),
@@ -253,8 +276,8 @@ def test_train_seeds_added_later_reuse_the_first_runs_and_pair_the_baselines(
     import json
 
     raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
-    raw.update(seeds=[0], methods=["ila", "random"], milestones=[100])
-    raw["finetune"].update(rules=["top"], methods=["ila", "random"])
+    raw.update(seeds=[0], rankings=["ila", "random"], milestones=[100])
+    raw["finetune"].update(rules=["top"], rankings=["ila", "random"])
     path = tmp_path / "seeds.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     root = tmp_path / "exp"
@@ -299,8 +322,8 @@ def test_rankings_from_another_data_set_select_for_the_transfer_test(
     import json
 
     raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
-    raw.update(seeds=[0], methods=["ila", "random"], milestones=[100])
-    raw["finetune"].update(rules=["top"], methods=["ila", "random"], data="a", ranked_on=["b", "a"])
+    raw.update(seeds=[0], rankings=["ila", "random"], milestones=[100])
+    raw["finetune"].update(rules=["top"], rankings=["ila", "random"], data="a", ranked_on=["b", "a"])
     path = tmp_path / "transfer.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     root = tmp_path / "exp"
@@ -334,13 +357,13 @@ def test_worth_it_grid_trains_each_method_draws_random_per_seed_and_prices_the_r
     from ila.selection import by_module_type, per_type_count
 
     raw = yaml.safe_load(write_grid(tmp_path, tiny_model_dir, tiny_data).read_text(encoding="utf-8"))
-    raw.update(datasets={"a": str(tiny_data)}, seeds=[0], methods=["ila", "random", "spectrum"], milestones=[50, 100])
+    raw.update(datasets={"a": str(tiny_data)}, seeds=[0], rankings=["ila", "random", "spectrum"], milestones=[50, 100])
     raw["finetune"].update(
         method=["lora", "full"],
         rules=["top", "param-budget", "lora-ranks", "all"],
         fractions=[0.5],
         param_fractions=[0.3],
-        methods=["ila", "ila@50", "random", "spectrum"],
+        rankings=["ila", "ila@50", "random", "spectrum"],
         train_seeds=[0, 1],
         method_overrides={"full": {"finetune.lr": 3e-5}},
     )

@@ -1,4 +1,4 @@
-"""An experiment's plan: the YAML (data sets x seeds x milestones x methods, optional fine-tuning) read into a
+"""An experiment's plan: the YAML (data sets x seeds x milestones x rankings, optional fine-tuning) read into a
 typed config, and the units it declares with their folders, seeds and selection rules, in the order
 `ila experiment` (ila.commands.experiment) computes them. Pure planning: nothing here trains.
 
@@ -35,6 +35,10 @@ ILA = "ila"
 # the rules by `ila select`'s flag names (--top, --freeze-bottom, --param-budget, --lora-ranks); "all": no selection
 FINETUNE_RULES = ("freeze-bottom", "top", "param-budget", "lora-ranks", "all")
 RENAMED_RULES = {"params": "param-budget", "ranks": "lora-ranks"}  # the old names, still read
+# "method" in an experiment means the training method (finetune.method, as `ila finetune --method`); the lists of
+# ranking methods are "rankings". The old keys are still read, with a warning.
+RENAMED_KEYS = {"methods": "rankings"}
+RENAMED_FINETUNE_KEYS = {"methods": "rankings", "rank_methods": "ranks_from", "transfer_methods": "transfer_rankings"}
 SEED_FREE = ("first", "last", "snr", "spectrum")  # baselines that read neither the seed nor the data
 MILESTONE_METHODS = (ILA, "delta-norm")  # the only methods that read the Stage-1 update
 
@@ -54,12 +58,13 @@ class ExperimentFinetuneConfig:
     # rule param-budget: the best layers of each ranking up to this share of the all-layers trainable parameters
     # (counted for the training method), so rankings are compared at equal parameters as well as equal layers
     param_fractions: tuple[float, ...] = (0.3,)
-    # rule lora-ranks (LoRA only): every layer, each with a LoRA rank from its score, within the same parameter shares
-    rank_methods: tuple[str, ...] = (ILA,)
+    # rule lora-ranks (LoRA only): every layer, each with a LoRA rank from these rankings' scores, within the same
+    # parameter shares
+    ranks_from: tuple[str, ...] = (ILA,)
     rules: tuple[str, ...] = ("freeze-bottom", "top", "all")
-    # Ranking methods whose rankings select layers; default: every method. `ila@25` (or `delta-norm@25`) is that
+    # The rankings whose layers are fine-tuned; default: every ranking. `ila@25` (or `delta-norm@25`) is that
     # method's ranking from the 25% Stage-1 milestone, which must be one of the experiment's milestones.
-    methods: tuple[str, ...] = ()
+    rankings: tuple[str, ...] = ()
     per_type: tuple[str, ...] = ("spectrum",)  # methods selected within each module type (Spectrum's own rule)
     # random: a new permutation for every train seed (seeded by it), so the random baseline's spread includes
     # the draw; false: the ranking seed's one permutation for all train seeds
@@ -69,7 +74,7 @@ class ExperimentFinetuneConfig:
     # Data sets whose rankings select (the transfer test: a ranking from one data set, fine-tuned on another).
     # Default: the fine-tuning data set alone. Data-free methods rank alike everywhere and run once.
     ranked_on: tuple[str, ...] = ()
-    transfer_methods: tuple[str, ...] = ()  # methods fine-tuned from the other ranked_on data sets; default: all
+    transfer_rankings: tuple[str, ...] = ()  # rankings fine-tuned from the other ranked_on data sets; default: all
     # Training seeds (data split and order, adapter init): each unit runs once per seed with the same selection,
     # so method differences can be read against the seed-to-seed spread. Default: the ranking seed alone.
     train_seeds: tuple[int, ...] = ()
@@ -108,7 +113,7 @@ def split_milestone(method: str) -> tuple[str, int]:
     if not at:
         return name, 100
     if not at.isdigit() or not 0 < int(at) < 100:
-        raise IlaError(f"finetune.methods: '{method}': the milestone after '@' must be a percentage in (0, 100)")
+        raise IlaError(f"finetune.rankings: '{method}': the milestone after '@' must be a percentage in (0, 100)")
     return name, int(at)
 
 
@@ -123,7 +128,7 @@ class ExperimentConfig:
     datasets: tuple[tuple[str, str], ...] = ()  # (name, path) in the order given
     seeds: tuple[int, ...] = (0,)
     milestones: tuple[int, ...] = (25, 50, 100)  # percent of the Stage-1 steps; 100 is the final ranking
-    methods: tuple[str, ...] = (ILA, "random", "last", "first")
+    rankings: tuple[str, ...] = (ILA, "random", "last", "first")  # the ranking methods run on every data set
     identify: tuple[str, ...] = ()  # IdentifyConfig `section.key=value` overrides, shared by every unit
     k_percents: tuple[float, ...] = (10.0, 30.0, 50.0)
     threads: int | None = None
@@ -144,9 +149,9 @@ class ExperimentConfig:
             raise IlaError("seeds: give at least one seed")
         if any(not 0 < m <= 100 for m in self.milestones):
             raise IlaError(f"milestones={list(self.milestones)} must be percentages in (0, 100]")
-        for method in self.methods:
+        for method in self.rankings:
             if method != ILA and method not in METHODS:
-                raise IlaError(f"methods: unknown method '{method}'; allowed: {ILA}, {', '.join(METHODS)}")
+                raise IlaError(f"rankings: unknown method '{method}'; allowed: {ILA}, {', '.join(METHODS)}")
         if any(not 0 < k <= 100 for k in self.k_percents):
             raise IlaError(f"k_percents={list(self.k_percents)} must be percentages in (0, 100]")
         if self.finetune is not None:
@@ -158,21 +163,22 @@ class ExperimentConfig:
                     raise IlaError(f"finetune.ranked_on: {name!r} is not a data set; allowed: {', '.join(names)}")
             if self.finetune.seed is not None and self.finetune.seed not in self.seeds:
                 raise IlaError(f"finetune.seed={self.finetune.seed} is not one of seeds {list(self.seeds)}")
-            for method in self.finetune.methods:
+            for method in self.finetune.rankings:
                 name, milestone = split_milestone(method)
-                if name not in self.methods:
-                    raise IlaError(f"finetune.methods: '{name}' is not one of methods {list(self.methods)}")
+                if name not in self.rankings:
+                    raise IlaError(f"finetune.rankings: '{name}' is not one of rankings {list(self.rankings)}")
                 if milestone != 100 and (name not in MILESTONE_METHODS or milestone not in self.milestones):
                     raise IlaError(
-                        f"finetune.methods: '{method}' needs a method that reads the Stage-1 update "
+                        f"finetune.rankings: '{method}' needs a method that reads the Stage-1 update "
                         f"({', '.join(MILESTONE_METHODS)}) and a milestone among {list(self.milestones)}"
                     )
-            for method in self.finetune.rank_methods if "lora-ranks" in self.finetune.rules else ():
-                if method not in (self.finetune.methods or self.methods):
-                    raise IlaError(f"finetune.rank_methods: '{method}' is not one of the fine-tuned methods")
-            for method in self.finetune.transfer_methods:
-                if method not in (self.finetune.methods or self.methods):
-                    raise IlaError(f"finetune.transfer_methods: '{method}' is not one of the fine-tuned methods")
+            fine_tuned = self.finetune.rankings or self.rankings
+            for method in self.finetune.ranks_from if "lora-ranks" in self.finetune.rules else ():
+                if method not in fine_tuned:
+                    raise IlaError(f"finetune.ranks_from: '{method}' is not one of the fine-tuned rankings")
+            for method in self.finetune.transfer_rankings:
+                if method not in fine_tuned:
+                    raise IlaError(f"finetune.transfer_rankings: '{method}' is not one of the fine-tuned rankings")
             for method in self.finetune.per_type:
                 if method != ILA and method not in METHODS:
                     raise IlaError(
@@ -201,6 +207,16 @@ def _dotted_pairs(values: Any, key: str, prefix: str = "") -> list[str]:
     return out
 
 
+def _rename_keys(values: dict[str, Any], renamed: dict[str, str], prefix: str, path: Path) -> None:
+    for old, new in renamed.items():
+        if old not in values:
+            continue
+        if new in values:
+            raise IlaError(f"{path}: give {prefix}{new} only ({prefix}{old} is its old name)")
+        log.warning("%s: %s%s is now spelled %s%s", path, prefix, old, prefix, new)
+        values[new] = values.pop(old)
+
+
 def _resolve(path: str, base: Path) -> str:
     p = Path(path).expanduser()
     if p.is_absolute() or (not (base / p).exists() and not p.suffix):
@@ -219,11 +235,13 @@ def load_experiment(path: str | Path, trust_remote_code: bool = False) -> Experi
     if not isinstance(datasets, dict) or not datasets:
         raise IlaError(f"{path}: datasets must be a mapping of name: path (at least one)")
     identify = _dotted_pairs(values.pop("identify", None), "identify")
+    _rename_keys(values, RENAMED_KEYS, "", path)
     finetune = values.get("finetune")
     ft_overrides: list[str] = []
     method_overrides: list[tuple[str, str]] = []
     if isinstance(finetune, dict):
         finetune = dict(finetune)
+        _rename_keys(finetune, RENAMED_FINETUNE_KEYS, "finetune.", path)
         ft_overrides = _dotted_pairs(finetune.pop("overrides", None), "finetune.overrides")
         by_method = finetune.pop("method_overrides", None) or {}
         if not isinstance(by_method, dict):
@@ -254,7 +272,7 @@ def load_experiment(path: str | Path, trust_remote_code: bool = False) -> Experi
         datasets=pairs,
         seeds=cfg.seeds,
         milestones=cfg.milestones,
-        methods=cfg.methods,
+        rankings=cfg.rankings,
         identify=tuple(identify),
         k_percents=cfg.k_percents,
         threads=cfg.threads,
@@ -278,7 +296,7 @@ class _ExperimentFields:
     model: str = DEFAULT_MODEL
     seeds: tuple[int, ...] = (0,)
     milestones: tuple[int, ...] = (25, 50, 100)
-    methods: tuple[str, ...] = (ILA, "random", "last", "first")
+    rankings: tuple[str, ...] = (ILA, "random", "last", "first")
     k_percents: tuple[float, ...] = (10.0, 30.0, 50.0)
     threads: int | None = None
     output: str | None = None
@@ -413,11 +431,11 @@ class ExperimentResult:
 def planned_units(cfg: ExperimentConfig) -> int:
     """How many units the grid has (computed, skipped or missing), counted as run_experiment walks them."""
     per_run = 0  # per (data set, seed)
-    if ILA in cfg.methods or "delta-norm" in cfg.methods:
+    if ILA in cfg.rankings or "delta-norm" in cfg.rankings:
         per_run += 1  # the identify run
-        if ILA in cfg.methods:
+        if ILA in cfg.rankings:
             per_run += len(set(cfg.milestones) - {100})
-    for method in cfg.methods:
+    for method in cfg.rankings:
         if method != ILA:
             per_run += len(set(cfg.milestones) | {100}) if method == "delta-norm" else 1
     finetune = 0
@@ -445,7 +463,7 @@ def finetune_units(cfg: ExperimentConfig) -> list[FinetuneUnit]:
     assert cfg.finetune is not None
     ft = cfg.finetune
     data = finetune_data(cfg)
-    methods = ft.methods or cfg.methods
+    methods = ft.rankings or cfg.rankings
     out: list[FinetuneUnit] = []
     for training in ft.method:
         prefix = "" if training == "lora" else f"{training}-"
@@ -456,7 +474,7 @@ def finetune_units(cfg: ExperimentConfig) -> list[FinetuneUnit]:
                 method, milestone = split_milestone(spelled)
                 if ranked_on != data and method in DATA_FREE:
                     continue  # the same ranking as on the fine-tuning data
-                if ranked_on != data and ft.transfer_methods and spelled not in ft.transfer_methods:
+                if ranked_on != data and ft.transfer_rankings and spelled not in ft.transfer_rankings:
                     continue
                 per_type = method in ft.per_type
                 own = ranked_on == data
@@ -475,7 +493,7 @@ def finetune_units(cfg: ExperimentConfig) -> list[FinetuneUnit]:
                     wanted += [("top", f"top{round(f * 100)}", f) for f in ft.fractions if f < 1.0]
                 if "param-budget" in ft.rules:  # folder names keep their first spelling: kept results still match
                     wanted += [("param-budget", f"params{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
-                if "lora-ranks" in ft.rules and spelled in ft.rank_methods and training in ("lora", "qlora") and own:
+                if "lora-ranks" in ft.rules and spelled in ft.ranks_from and training in ("lora", "qlora") and own:
                     wanted += [("lora-ranks", f"ranks{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
                 out += [
                     FinetuneUnit(
@@ -530,7 +548,7 @@ def random_seeds(cfg: ExperimentConfig) -> list[int]:
 
 def finetune_methods(cfg: ExperimentConfig) -> list[str]:
     assert cfg.finetune is not None
-    return [split_milestone(m)[0] for m in cfg.finetune.methods or cfg.methods]
+    return [split_milestone(m)[0] for m in cfg.finetune.rankings or cfg.rankings]
 
 
 def unit_ranking(cfg: ExperimentConfig, root: Path, each: FinetuneUnit, train_seed: int) -> Path:

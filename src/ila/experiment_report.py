@@ -85,7 +85,7 @@ def write_report(cfg: ExperimentConfig, root: Path, result: ExperimentResult | N
         "",
         f"Model: `{cfg.model}`; data sets: {', '.join(names)}; seeds: "
         f"{', '.join(map(str, cfg.seeds))}; milestones: {', '.join(f'{m}%' for m in cfg.milestones)}; "
-        f"methods: {', '.join(cfg.methods)}.",
+        f"rankings: {', '.join(cfg.rankings)}.",
         "",
         "Cells: Jaccard of the top-K sets (p: one-sided hypergeometric test against two random K-sets); "
         "Spearman over the full rankings. The chance level is the expected Jaccard of two random K-sets.",
@@ -93,7 +93,7 @@ def write_report(cfg: ExperimentConfig, root: Path, result: ExperimentResult | N
     ]
     saved: dict[str, Any] = {}
     lines += _overview(cfg, root, names)
-    for method in cfg.methods:
+    for method in cfg.rankings:
         lines += [f"## {method}", ""]
         if method in DATA_FREE:
             lines += [
@@ -147,7 +147,7 @@ def write_report(cfg: ExperimentConfig, root: Path, result: ExperimentResult | N
             lines += ["| chance level | | " + " | ".join(chance) + " | 0 |", ""]
         elif method not in MILESTONE_METHODS:
             lines += [f"{method} does not read the Stage-1 update: no milestone comparison.", ""]
-    if ILA in cfg.methods and len(cfg.methods) > 1:
+    if ILA in cfg.rankings and len(cfg.rankings) > 1:
         lines += _against_methods(cfg, root, names, saved)
     if cfg.finetune is not None:
         lines += finetune_section(cfg, root)
@@ -164,7 +164,7 @@ def _overview(cfg: ExperimentConfig, root: Path, names: list[str]) -> list[str]:
     seed = cfg.seeds[0]
     found: list[tuple[str, Ranking]] = []
     ila_found: list[tuple[str, Ranking]] = []  # (data set, ranking) for the profiles
-    for method in cfg.methods:
+    for method in cfg.rankings:
         for name in names[:1] if method in DATA_FREE else names:
             ranking = _load(ranking_dir(root, method, name, seed))
             if ranking is None:
@@ -213,7 +213,7 @@ def _against_methods(cfg: ExperimentConfig, root: Path, names: list[str], saved:
     head = " | ".join(f"top {k:g}%" for k in cfg.k_percents)
     lines += [f"| method | pair | {head} | Spearman |", "|---" * (len(cfg.k_percents) + 3) + "|"]
     chance: list[str] = []
-    for other in [m for m in cfg.methods if m != ILA]:
+    for other in [m for m in cfg.rankings if m != ILA]:
         for name in names:
             for seed in cfg.seeds:
                 ila_ranking, theirs = (

@@ -153,7 +153,7 @@ def _identify_units(
 ) -> None:
     from ila.commands.identify import resume_identify, run_identify, run_milestone
 
-    if ILA not in cfg.methods and "delta-norm" not in cfg.methods:
+    if ILA not in cfg.rankings and "delta-norm" not in cfg.rankings:
         return
     run_dir = identify_dir(root, data, seed)
 
@@ -164,7 +164,7 @@ def _identify_units(
             run_identify(identify_config(cfg, data_path, seed, str(run_dir)), overwrite=True, command="ila experiment")
 
     unit(run_dir, identify)
-    if ILA not in cfg.methods:
+    if ILA not in cfg.rankings:
         return
     for milestone in sorted(set(cfg.milestones) - {100}):
         folder = ranking_dir(root, ILA, data, seed, milestone)
@@ -195,7 +195,7 @@ def _baseline_units(
 
     icfg = identify_config(cfg, data_path, seed, "unused")
     settings = RankConfig(seed=seed, lora=icfg.lora)
-    for method in cfg.methods if methods is None else methods:
+    for method in cfg.rankings if methods is None else methods:
         if method == ILA:
             continue
         milestones = sorted(set(cfg.milestones) | {100}) if method == "delta-norm" else [100]
