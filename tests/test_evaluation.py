@@ -18,10 +18,12 @@ from ila.errors import IlaError
 from ila.evaluation import (
     EVAL_FILE,
     SAMPLES_FILE,
+    AdapterSource,
     example_losses,
     perplexity,
     perplexity_stderr,
     resolve_adapter,
+    resolve_lora_adapter,
     token_mean_stderr,
 )
 from ila.judge import judge_messages, pairwise_judge, parse_verdict
@@ -156,6 +158,15 @@ def test_adapter_resolves_from_a_finetune_run_folder(tmp_path: Path, adapters: d
     full.mkdir()
     (full / "selected_weights.safetensors").write_bytes(adapters["changed"].read_bytes())
     assert resolve_adapter(str(full)).kind == "changed_weights"
+    identify = tmp_path / "identify" / "stage1"
+    identify.mkdir(parents=True)
+    (identify / "adapter").symlink_to(adapters["nonzero"], target_is_directory=True)
+    assert resolve_adapter(tmp_path / "identify") == AdapterSource("peft", identify / "adapter")
+    assert resolve_lora_adapter(run) == run / "adapter"  # what delta-norm reads: LoRA factors only
+    with pytest.raises(IlaError, match=r"holds fine-tuned weights .*not LoRA factors"):
+        resolve_lora_adapter(full)
+    with pytest.raises(IlaError, match="not found; give a PEFT adapter folder"):
+        resolve_adapter(tmp_path / "nowhere")
 
 
 def test_evaluating_into_a_run_folder_keeps_its_manifest(tmp_path: Path, tiny_model_dir: Path, tiny_data: Path) -> None:

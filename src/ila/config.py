@@ -333,7 +333,7 @@ class ScoringConfig:
     """The `evaluate:` section of `ila evaluate`: what is scored (SFT loss/perplexity/next-token accuracy, optional
     lm-eval benchmarks, optional pairwise judge) and on which model."""
 
-    adapter: str | None = None  # PEFT adapter folder, finetune run folder or selected_weights.safetensors
+    adapter: str | None = None  # PEFT adapter folder, finetune or identify run folder, selected_weights.safetensors
     split: Literal["heldout", "all"] = "heldout"  # heldout: the same held-out examples identify/finetune use
     batch_size: int = 4
     benchmarks: tuple[str, ...] = ()  # mmlu, gsm8k (local files) or any lm-eval task name (hub)

@@ -25,6 +25,11 @@ from ila.model_loading import LoadedModel, load_model
 from ila.sft_data import IGNORE_INDEX, Example, collate, load_sft_data
 from ila.trainable import CHANGED_WEIGHTS  # what `ila finetune --method full` writes
 
+ADAPTER_FORMS = (
+    f"give a PEFT adapter folder, an `ila finetune` run folder, a {CHANGED_WEIGHTS} file "
+    "or an `ila identify` run folder"
+)
+
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
@@ -42,21 +47,33 @@ class AdapterSource:
     path: Path
 
 
-def resolve_adapter(path: str) -> AdapterSource:
-    """A PEFT adapter folder, a finetune run folder (its adapter/ or selected_weights.safetensors) or that file."""
+def resolve_adapter(path: str | Path) -> AdapterSource:
+    """What a user may give as an adapter: a PEFT adapter folder, an `ila finetune` run folder (its adapter/ or
+    selected_weights.safetensors), that file, or an `ila identify` run folder (its final Stage-1 adapter)."""
     given = Path(path).expanduser()
     if given.is_file() and given.suffix == ".safetensors":
         return AdapterSource("changed_weights", given)
-    if (given / "adapter_config.json").is_file():
-        return AdapterSource("peft", given)
-    if (given / "adapter" / "adapter_config.json").is_file():
-        return AdapterSource("peft", given / "adapter")
+    for folder in (given, given / "adapter", given / "stage1" / "adapter"):
+        if (folder / "adapter_config.json").is_file():
+            return AdapterSource("peft", folder)
     if (given / CHANGED_WEIGHTS).is_file():
         return AdapterSource("changed_weights", given / CHANGED_WEIGHTS)
-    what = "does not exist" if not given.exists() else "holds no adapter_config.json, adapter/ or " + CHANGED_WEIGHTS
+    if not given.exists():
+        raise IlaError(f"adapter {path} not found; {ADAPTER_FORMS}")
     raise IlaError(
-        f"adapter {path} {what}; give a PEFT adapter folder, an `ila finetune` run folder or a {CHANGED_WEIGHTS} file"
+        f"adapter {path} holds no adapter_config.json, adapter/, stage1/adapter/ or {CHANGED_WEIGHTS}; {ADAPTER_FORMS}"
     )
+
+
+def resolve_lora_adapter(path: str | Path) -> Path:
+    """The PEFT adapter folder behind `path` (any form resolve_adapter takes), for what reads LoRA factors."""
+    source = resolve_adapter(path)
+    if source.kind != "peft":
+        raise IlaError(
+            f"{path} holds fine-tuned weights ({source.path.name}), not LoRA factors; give a PEFT adapter folder, "
+            "an identify run folder or a LoRA finetune run folder"
+        )
+    return source.path
 
 
 def apply_adapter(model: nn.Module, source: AdapterSource) -> nn.Module:

@@ -22,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ila.config import LoraShapeConfig
 from ila.errors import IlaError
+from ila.evaluation import resolve_lora_adapter
 from ila.layers import Layer, module_types
 from ila.lora_adapters import (
     attach_lora,
@@ -107,19 +108,6 @@ def _model_restored(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def resolve_adapter_dir(path: str | Path) -> Path:
-    """A PEFT adapter folder, or an identify run folder (its final Stage-1 adapter is used)."""
-    folder = Path(path).expanduser()
-    for candidate in (folder, folder / "stage1" / "adapter"):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    if not folder.exists():
-        raise IlaError(f"adapter not found: {path}")
-    raise IlaError(
-        f"{path} is not a PEFT adapter folder (no adapter_config.json) nor an identify run folder (no stage1/adapter)"
-    )
-
-
 def delta_norm_scores(peft_model: nn.Module, layers: Sequence[Layer], normalize: bool = True) -> list[float]:
     """‖Δθ_i‖_F = ‖s·B_i A_i‖_F per layer, divided by sqrt(out·in) when `normalize` (the RMS of the entries).
 
@@ -146,7 +134,7 @@ def rank_delta_norm(model: nn.Module, layers: Sequence[Layer], adapter: str | Pa
 
     The adapter is loaded onto `model` and taken off again afterwards, so `model` is left as it was.
     """
-    folder = resolve_adapter_dir(adapter)
+    folder = resolve_lora_adapter(adapter)
     with _model_restored(model):
         try:
             peft_model = load_lora(model, folder)  # type: ignore[arg-type]

@@ -115,7 +115,10 @@ def add_parser(sub: Subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL})")
-    parser.add_argument("--adapter", help="PEFT adapter folder, finetune run folder or selected_weights.safetensors")
+    parser.add_argument(
+        "--adapter",
+        help="PEFT adapter folder, finetune run folder, selected_weights.safetensors or identify run folder (its Stage-1 adapter)",
+    )
     parser.add_argument("--data", help=f"JSON/JSONL file or hub data set id (default: {BUNDLED_DATA})")
     parser.add_argument(
         "--from-run",

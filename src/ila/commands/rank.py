@@ -19,11 +19,12 @@ from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
 from ila.config import BUNDLED_DATA, DEFAULT_MODEL, DataConfig, LoraShapeConfig, ModelConfig
 from ila.errors import IlaError, reading
+from ila.evaluation import resolve_lora_adapter
 from ila.layers import discover_layers
 from ila.manifest import DataRecord, Manifest, ModelRecord
 from ila.model_loading import fingerprint_model_files, load_model, load_model_skeleton, pick_device, resolve_model_path
 from ila.ranking import Ranking
-from ila.ranking_methods import DATA_FREE, NEEDS_WEIGHTS, RankConfig, check_method, rank_with, resolve_adapter_dir
+from ila.ranking_methods import DATA_FREE, NEEDS_WEIGHTS, RankConfig, check_method, rank_with
 from ila.run_folder import peak_memory, prepare_run_dir, reset_peak_memory
 from ila.sft_data import Example, load_sft_data
 
@@ -67,7 +68,9 @@ def add_parser(sub: Subparsers) -> None:
         "delta-norm: the adapter's base model)",
     )
     parser.add_argument("--data", help=f"grad-norm only: JSON/JSONL file or hub data set id (default {BUNDLED_DATA})")
-    parser.add_argument("--adapter", help="delta-norm only: a PEFT adapter folder or an identify run folder")
+    parser.add_argument(
+        "--adapter", help="delta-norm only: a PEFT adapter folder, an identify run folder or a LoRA finetune run folder"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random: the order; grad-norm: LoRA init and batches (0)")
     parser.add_argument("--batches", type=int, default=8, help="grad-norm: batches of backward passes (default 8)")
     parser.add_argument("--batch-size", type=int, default=4, help="grad-norm: sequences per batch (default 4)")
@@ -137,7 +140,7 @@ class RankResult:
 def _adapter_base_model(adapter: str | Path) -> str | None:
     """The base model an adapter names (None when it names none); an unreadable adapter config is an error, not a
     silent fall-back to the default model."""
-    path = resolve_adapter_dir(adapter) / "adapter_config.json"
+    path = resolve_lora_adapter(adapter) / "adapter_config.json"
     with reading(path, "a PEFT adapter config (JSON)"):
         config = json.loads(path.read_text(encoding="utf-8"))
     name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
@@ -181,7 +184,7 @@ def run_rank(
             raise IlaError(
                 "method delta-norm needs a Stage-1 adapter: --adapter RUN/stage1/adapter (or the run folder)"
             )
-        resolve_adapter_dir(adapter)
+        resolve_lora_adapter(adapter)
         model_name = model_name or _adapter_base_model(adapter)
     if method in DATA_FREE and data is not None:
         log.warning("method %s is data-free; --data %s is not read", method, data)
@@ -235,7 +238,7 @@ def run_rank(
     manifest.sections.update(
         method=method,
         settings=asdict(settings),
-        adapter=str(resolve_adapter_dir(adapter)) if adapter is not None else None,
+        adapter=str(resolve_lora_adapter(adapter)) if adapter is not None else None,
     )
     manifest.finish(run_dir, timings, peak_memory())  # last: its presence means the ranking is in place
     return RankResult(run_dir, ranking, timings)
