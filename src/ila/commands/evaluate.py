@@ -117,7 +117,8 @@ def add_parser(sub: Subparsers) -> None:
     parser.add_argument("--model", help=f"local model folder, .gguf file, hub id or alias (default {DEFAULT_MODEL})")
     parser.add_argument(
         "--adapter",
-        help="PEFT adapter folder, finetune run folder, selected_weights.safetensors or identify run folder (its Stage-1 adapter)",
+        help="PEFT adapter folder, finetune run folder, selected_weights.safetensors or identify run folder "
+        "(its Stage-1 adapter)",
     )
     parser.add_argument("--data", help=f"JSON/JSONL file or hub data set id (default: {BUNDLED_DATA})")
     parser.add_argument(

@@ -69,7 +69,8 @@ def add_parser(sub: Subparsers) -> None:
     )
     parser.add_argument("--data", help=f"grad-norm only: JSON/JSONL file or hub data set id (default {BUNDLED_DATA})")
     parser.add_argument(
-        "--adapter", help="delta-norm only: a PEFT adapter folder, an identify run folder or a LoRA finetune run folder"
+        "--adapter",
+        help="delta-norm only: a PEFT adapter folder, an identify run folder or a LoRA finetune run folder",
     )
     parser.add_argument("--seed", type=int, default=0, help="random: the order; grad-norm: LoRA init and batches (0)")
     parser.add_argument("--batches", type=int, default=8, help="grad-norm: batches of backward passes (default 8)")
