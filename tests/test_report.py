@@ -131,6 +131,22 @@ def test_report_marks_differences_smaller_than_their_error(tmp_path: Path) -> No
     assert saved["runs"][0]["eval_loss_stderr"] == 0.03 and saved["runs"][3]["eval_loss_stderr"] is None
 
 
+def test_rank_and_milestone_folders_are_read_as_what_they_are(tmp_path: Path) -> None:
+    # a rank manifest from before "kind" was written: its "method" must not make it a finetune run
+    write_json(
+        tmp_path / "rank" / "manifest.json",
+        {"method": "grad-norm", "settings": {}, "status": "complete", "model": {"source": "tiny", "n_layers": 28}},
+    )
+    rank = read_run(tmp_path / "rank")
+    assert (rank.kind, rank.method, rank.total_layers, rank.trainable_params) == ("rank", "rank (grad-norm)", 28, None)
+    write_json(
+        tmp_path / "m25" / "manifest.json",
+        {"kind": "milestone", "status": "complete", "milestone": 25, "heldout_loss": {"base": 4.0, "stage1": 3.5}},
+    )
+    milestone = read_run(tmp_path / "m25")
+    assert (milestone.kind, milestone.method, milestone.heldout_loss) == ("identify", "ila", 3.5)
+
+
 def test_report_refuses_what_is_not_a_run(tmp_path: Path, runs: list[Path]) -> None:
     with pytest.raises(IlaError, match="not found"):
         read_run(tmp_path / "nowhere")

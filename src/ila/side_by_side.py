@@ -31,7 +31,7 @@ class RunSummary:
 
     name: str
     path: str
-    kind: str  # identify | finetune | evaluate | unknown
+    kind: str  # identify (a milestone too) | finetune | rank | evaluate | report | unknown
     status: str | None = None
     method: str | None = None
     selected_layers: int | None = None
@@ -115,6 +115,9 @@ def read_run(folder: str | Path) -> RunSummary:
         if run.selected_fraction is not None and run.total_layers:
             run.selected_layers = max(1, round(run.selected_fraction * run.total_layers))
         run.median_step_s = manifest.median_step_s
+    elif kind == "rank" and manifest is not None:
+        run.method = f"rank ({_text(manifest.get('method')) or '?'})"
+        run.total_layers = manifest.model.n_layers if manifest.model else None
     elif kind == "evaluate":
         adapter = _text(first.get("adapter", "kind"))
         run.method = f"evaluate ({adapter})" if adapter else "evaluate (base model)"
