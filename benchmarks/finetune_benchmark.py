@@ -24,8 +24,9 @@ Prints, measured side by side in one run:
      counts real (non-padding) tokens.
 
 Usage: python benchmarks/finetune_benchmark.py [--steps 6] [--ranking RUN_DIR_OR_RANKING_JSON] [--skip-trl]
-                                               [--threads N] [--method lora|full]
-(--method full compares the selections only: the TRL part is LoRA's.)
+                                               [--threads N] [--method lora|full] [--gradient-checkpointing]
+(--method full compares the selections only: the TRL part is LoRA's. --gradient-checkpointing recomputes every
+block's activations in backward in every configuration, as `run.gradient_checkpointing=true` does.)
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from ila.model_loading import load_model
 from ila.ranking import load_ranking
 from ila.selection import ModelShapes, SelectionRule, estimate_training_memory, lora_param_count, select
 from ila.sft_data import Batch, SftData, batch_stream, collate, length_grouped_order, load_sft_data
-from ila.training_loop import sft_loss, train
+from ila.training_loop import enable_gradient_checkpointing, sft_loss, train
 
 FRACTION = 0.3  # the share of layers (and of blocks) every selection trains
 BATCH = 4
@@ -278,13 +279,15 @@ def memory_child(name: str, spec_path: Path) -> None:
     data = load_sft_data(DataConfig(), loaded.tokenizer, SEED)
     pad_id = int(loaded.tokenizer.pad_token_id)
     batches = widest_batches(data, pad_id, MEMORY_STEPS)
+    spec = json.loads(spec_path.read_text())
+    if spec["checkpointing"]:
+        enable_gradient_checkpointing(loaded.model)
     out: dict[str, Any] = {"after_load_gb": rss_peak_gb(), "batch_width": int(batches[0].input_ids.shape[1])}
     if name == NO_TRAINING:  # the same batches without gradients: every weight is paged in, no training state
         with torch.no_grad():
             for batch in batches:
                 sft_loss(loaded.model, batch.to(loaded.device))
     else:
-        spec = json.loads(spec_path.read_text())
         by_name = {layer.name: layer for layer in discover_layers(loaded.model)}
         layers = [by_name[n] for n in spec["placements"][name]]
         trainee = make_trainee(spec["method"], name, loaded.model, layers, iter(batches), loaded.device)
@@ -296,13 +299,15 @@ def memory_child(name: str, spec_path: Path) -> None:
     print(json.dumps(out))
 
 
-def measure_memory(chosen: list[Placement], threads: int | None, method: str = "lora") -> dict[str, dict[str, Any]]:
+def measure_memory(
+    chosen: list[Placement], threads: int | None, method: str = "lora", checkpointing: bool = False
+) -> dict[str, dict[str, Any]]:
     """Run `memory_child` once per configuration (and once forward-only); each reports its own peak RSS."""
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "placements.json"
         placed = {p.name: [layer.name for layer in p.layers] for p in chosen}
-        spec.write_text(json.dumps({"method": method, "placements": placed}))
+        spec.write_text(json.dumps({"method": method, "checkpointing": checkpointing, "placements": placed}))
         for name in [NO_TRAINING, *(p.name for p in chosen)]:
             command = [sys.executable, __file__, "--memory-child", name, "--memory-spec", str(spec)]
             if threads:
@@ -327,19 +332,21 @@ def selective_lora(
     ranking: str | None,
     threads: int | None,
     method: str = "lora",
+    checkpointing: bool = False,
 ) -> None:
     chosen, note = placements(layers, shapes, ranking, method)
     what = "Full fine-tuning of" if method == "full" else "LoRA on"
     print(
         f"\n## 1. {what} all layers vs 30% selections ({steps} interleaved steps after 1 warm-up, batch {BATCH}, "
-        f"max length {DataConfig().max_length}, bundled data)\n"
+        f"max length {DataConfig().max_length}, bundled data"
+        f"{', gradient checkpointing' if checkpointing else ''})\n"
     )
     if not ranking:
         print("(no --ranking given: the ILA top-30% rows are skipped)\n")
     print("timing, interleaved in this process:", flush=True)
     seconds = time_placements(base, chosen, data, pad_id, device, steps, method)
     print(f"peak memory, one subprocess per configuration ({MEMORY_STEPS} steps on the widest batches):", flush=True)
-    memory = measure_memory(chosen, threads, method)
+    memory = measure_memory(chosen, threads, method, checkpointing)
     forward_gb = memory[NO_TRAINING]["peak_gb"]
     base_time = statistics.median(seconds[chosen[0].name])
     base_mem = memory[chosen[0].name]["peak_gb"]
@@ -536,6 +543,9 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true", help="skip the comparison with TRL's SFTTrainer")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--method", choices=("lora", "full"), default="lora", help="how the selections train")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute block activations in backward (every run)"
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one memory subprocess
     parser.add_argument("--memory-spec", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -558,6 +568,8 @@ def main() -> None:
             f"{torch.get_num_threads()} threads"
         )
         pad_id = int(loaded.tokenizer.pad_token_id)
+        if args.gradient_checkpointing:  # before the copies: every configuration inherits it
+            enable_gradient_checkpointing(loaded.model)
         selective_lora(
             loaded.model,
             layers,
@@ -569,9 +581,10 @@ def main() -> None:
             args.ranking,
             args.threads,
             args.method,
+            args.gradient_checkpointing,
         )
-        if args.skip_trl or args.method == "full":
-            print("\n## 2. ila vs TRL: skipped (--skip-trl, or --method full)")
+        if args.skip_trl or args.method == "full" or args.gradient_checkpointing:
+            print("\n## 2. ila vs TRL: skipped (--skip-trl, --method full or --gradient-checkpointing)")
         else:
             trl_comparison(loaded.model, layers, data, loaded.tokenizer, loaded.device, args.steps)
     except IlaError as err:
