@@ -4,16 +4,18 @@
 
 Keeps, for every unit, the files that mark it complete and that the report reads (manifest.json, config.yaml,
 selection.json, ranking.json, heldout.csv, and eval.json with eval_samples.jsonl where unit_accuracy.py scored it),
-and the experiment's own report, tables, figures and accuracy table; drops adapters,
-changed weights, checkpoints and per-unit plots. `ila experiment` skips a unit whose manifest says complete, so
-copying such a folder back (`cp -r experiments/results/worth-it runs/worth-it`) and running the same YAML with
-`--output runs/worth-it` continues the study where it stopped and rewrites the report over every unit.
+and the experiment's own report, tables, accuracy table and the figures its report shows; drops adapters, changed
+weights, checkpoints, per-unit plots and figures the report no longer shows (a slice run with one training method
+writes `ablation.png`, which the two-method report replaces). `ila experiment` skips a unit whose manifest says
+complete, so copying such a folder back (`cp -r experiments/results/worth-it runs/worth-it`) and running the same
+YAML with `--output runs/worth-it` continues the study where it stopped and rewrites the report over every unit.
 (Units that need another unit's weights, such as a milestone ranking from a Stage-1 checkpoint, must have run.)
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -60,9 +62,18 @@ def keep(source: Path, target: Path) -> int:
         if (source / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, target / name)
-    for figure in source.glob("*.png"):
-        shutil.copy2(figure, target / figure.name)
+    shown = set(re.findall(r"!\[[^\]]*\]\(([^)\s]+\.png)\)", _text(source / "report.md")))
+    for figure in sorted(shown):
+        if (source / figure).is_file():
+            shutil.copy2(source / figure, target / figure)
+    for stale in target.glob("*.png"):  # kept by an earlier call, no longer in the report
+        if stale.name not in shown:
+            stale.unlink()
     return units
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
 if __name__ == "__main__":

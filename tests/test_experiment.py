@@ -119,8 +119,10 @@ def test_tiny_grid_end_to_end_rerun_and_resume(
 
     script = Path(__file__).parents[1] / "experiments" / "keep_results.py"
     kept = tmp_path / "kept"
+    (root / "stale.png").write_bytes(b"")  # a figure the report does not show: not kept
     subprocess.run([sys.executable, str(script), str(root), str(kept)], check=True, capture_output=True)
     assert not list(kept.rglob("*.safetensors")) and (kept / "finetune.json").is_file()
+    assert (kept / "overlap.png").is_file() and not (kept / "stale.png").exists()
     from_kept = run_experiment(cfg, kept)
     assert counted == before and not from_kept.computed
     assert (kept / "report.md").read_text(encoding="utf-8") == report

@@ -4,12 +4,13 @@ old section names) reads with None for what it lacks, and a file that is not a J
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from ila.errors import IlaError
-from ila.manifest import DataRecord, Manifest, ModelRecord
+from ila.manifest import DataRecord, Manifest, ModelRecord, invoked
 from ila.run_folder import write_json
 
 
@@ -48,6 +49,13 @@ def test_what_a_run_writes_reads_back(tmp_path: Path) -> None:
     assert read.get("selection", "nothing", "deeper") is None
     raw = json.loads((tmp_path / "manifest.json").read_text())
     assert raw["model"]["class"] == "LlamaForCausalLM" and raw["ila_command"] == written.command  # the file's names
+
+
+def test_the_command_recorded_is_the_callers_else_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["ila", "rank", "--method", "random"])
+    assert Manifest("rank", versions={}, hardware={}).command == "ila rank --method random"
+    assert Manifest("rank", command=invoked(""), versions={}, hardware={}).command == "ila rank --method random"
+    assert Manifest("rank", command=invoked("ila experiment"), versions={}, hardware={}).command == "ila experiment"
 
 
 def test_a_failed_run_says_why(tmp_path: Path) -> None:

@@ -93,6 +93,12 @@ class DataRecord:
         return cls(raw["source"], _text(raw.get("sha256")), *counts)
 
 
+def invoked(command: str = "") -> str:
+    """The command line a manifest records: the one a caller names (the CLI passes its own argv), else this
+    process's."""
+    return command or " ".join(sys.argv)
+
+
 @dataclass
 class Manifest:
     """One run folder's manifest.json.
@@ -105,7 +111,7 @@ class Manifest:
 
     kind: str
     status: str = "running"
-    command: str = field(default_factory=lambda: " ".join(sys.argv))  # "ila_command" in the file
+    command: str = field(default_factory=invoked)  # "ila_command" in the file
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     config: dict[str, Any] = field(default_factory=dict)
     model: ModelRecord | None = None
@@ -124,10 +130,10 @@ class Manifest:
         cls, kind: str, cfg: Any, loaded: LoadedModel, data: SftData, n_layers: int, command: str = ""
     ) -> Manifest:
         """The start of an identify, milestone or finetune run's manifest: config, model, data, seed."""
-        manifest = cls(kind, config=config_to_dict(cfg), model=ModelRecord.of(loaded, n_layers))
+        manifest = cls(
+            kind, command=invoked(command), config=config_to_dict(cfg), model=ModelRecord.of(loaded, n_layers)
+        )
         manifest.data, manifest.seed = DataRecord.of(data), cfg.run.seed
-        if command:
-            manifest.command = command
         return manifest
 
     # ----------------------------------------------------------------------------------------------- writing

@@ -53,7 +53,7 @@ from ila.evaluation import (
 )
 from ila.judge import Message, generate_answers, openai_judge, pairwise_judge, prompt_ids
 from ila.lora_adapters import unwrap
-from ila.manifest import Manifest, ModelRecord
+from ila.manifest import Manifest, ModelRecord, invoked
 from ila.model_loading import LoadedModel, pick_device
 from ila.run_folder import (
     Timings,
@@ -305,12 +305,10 @@ def run_evaluate(
     with timings.measure("sft loss"):
         sft, examples = sft_metrics(model, loaded.tokenizer, cfg, device)
     run_dir, own_manifest = _output_folder(cfg.run.output, overwrite)
-    record = Manifest("evaluate", config=config_to_dict(cfg), seed=cfg.run.seed)
+    record = Manifest("evaluate", command=invoked(command), config=config_to_dict(cfg), seed=cfg.run.seed)
     record.model = replace(ModelRecord.of(loaded), class_name=type(unwrap(model)).__name__)
     record.versions["lm-eval"] = package_version("lm-eval")
     record.sections["adapter"] = _adapter_record(settings.adapter)
-    if command:
-        record.command = command
     if own_manifest:
         record.write(run_dir)
     judge = None

@@ -21,7 +21,7 @@ from ila.config import BUNDLED_DATA, DEFAULT_MODEL, DataConfig, LoraShapeConfig,
 from ila.errors import IlaError, reading
 from ila.evaluation import resolve_lora_adapter
 from ila.layers import discover_layers
-from ila.manifest import DataRecord, Manifest, ModelRecord
+from ila.manifest import DataRecord, Manifest, ModelRecord, invoked
 from ila.model_loading import fingerprint_model_files, load_model, load_model_skeleton, pick_device, resolve_model_path
 from ila.ranking import Ranking
 from ila.ranking_methods import DATA_FREE, NEEDS_WEIGHTS, RankConfig, check_method, rank_with
@@ -233,9 +233,7 @@ def run_rank(
         ranking.info.update({"data": data_record.source, "data_sha256": data_record.sha256})
     ranking.save(run_dir)
     timings["total"] = time.perf_counter() - started
-    manifest = Manifest("rank", model=model_record, data=data_record, seed=settings.seed)
-    if command:
-        manifest.command = command
+    manifest = Manifest("rank", command=invoked(command), model=model_record, data=data_record, seed=settings.seed)
     manifest.sections.update(
         method=method,
         settings=asdict(settings),

@@ -13,7 +13,7 @@ from ila.commands import COMMANDS
 from ila.commands._shared import Subparsers
 from ila.errors import IlaError
 from ila.html_report import write_html_report
-from ila.manifest import Manifest
+from ila.manifest import Manifest, invoked
 from ila.run_folder import atomic_write_text, peak_memory, prepare_run_dir, write_csv
 from ila.side_by_side import RunSummary, legend, markdown_table, plot_report, read_run, report_markdown, table_rows
 
@@ -73,9 +73,7 @@ def run_report(
     write_csv(run_dir / "report.csv", table_rows(runs))
     plot_report(runs, run_dir / "report.png")
     write_html_report(run_dir / "report.md")  # report.md shows report.png itself
-    manifest = Manifest("report")
-    if command:
-        manifest.command = command
+    manifest = Manifest("report", command=invoked(command))
     manifest.finish(
         run_dir, {"total": time.perf_counter() - started}, peak_memory(), runs=[asdict(run) for run in runs]
     )
