@@ -206,6 +206,7 @@ def test_old_key_names_still_read_with_a_warning(
         ({"identify": {"stage1.max_stpes": 2}}, "unknown config key 'stage1.max_stpes'"),
         ({"rankings": ["ila", "magic"]}, "unknown method 'magic'"),
         ({"finetune": {"ranked_on": ["zzz"]}}, "finetune.ranked_on: 'zzz' is not a data set"),
+        ({"finetune": {"param_rankings": ["grad-norm"]}}, "finetune.param_rankings: 'grad-norm' is not one of the"),
         # a data set's name becomes a folder name: it must not lead outside the experiment folder
         ({"datasets": {"../../escape": "b.jsonl"}}, "name '../../escape' is not allowed"),
         ({"datasets": {"/tmp/abs": "b.jsonl"}}, "name '/tmp/abs' is not allowed"),
@@ -252,6 +253,13 @@ def test_worth_it_config_loads_with_the_grid_the_issue_asks_for() -> None:
         "ila from lima",
     }
     assert {u.fraction for u in units if u.rule == "top"} == {0.1, 0.3, 0.5} and train_seeds(cfg) == (0, 1, 2)
+    # a parameter budget only for the rankings whose top layers hold another share of the parameters
+    budgeted = {(u.training, u.label) for u in units if u.rule == "param-budget"}
+    assert budgeted == {
+        (training, label)
+        for training in ("lora", "full")
+        for label in ("ila", "ila@25", "delta-norm", "grad-norm", "ila from lima")
+    }
     assert random_seeds(cfg) == [0, 1, 2]  # three permutations
 
 

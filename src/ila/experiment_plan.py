@@ -58,6 +58,10 @@ class ExperimentFinetuneConfig:
     # rule param-budget: the best layers of each ranking up to this share of the all-layers trainable parameters
     # (counted for the training method), so rankings are compared at equal parameters as well as equal layers
     param_fractions: tuple[float, ...] = (0.3,)
+    # rule param-budget applies to these rankings; default: every fine-tuned ranking. A ranking whose top layers
+    # already hold their share of the parameters (random, last blocks, per-type selections) would repeat its
+    # rule-top unit under a budget.
+    param_rankings: tuple[str, ...] = ()
     # rule lora-ranks (LoRA only): every layer, each with a LoRA rank from these rankings' scores, within the same
     # parameter shares
     ranks_from: tuple[str, ...] = (ILA,)
@@ -176,9 +180,10 @@ class ExperimentConfig:
             for method in self.finetune.ranks_from if "lora-ranks" in self.finetune.rules else ():
                 if method not in fine_tuned:
                     raise IlaError(f"finetune.ranks_from: '{method}' is not one of the fine-tuned rankings")
-            for method in self.finetune.transfer_rankings:
-                if method not in fine_tuned:
-                    raise IlaError(f"finetune.transfer_rankings: '{method}' is not one of the fine-tuned rankings")
+            for key in ("transfer_rankings", "param_rankings"):
+                for method in getattr(self.finetune, key):
+                    if method not in fine_tuned:
+                        raise IlaError(f"finetune.{key}: '{method}' is not one of the fine-tuned rankings")
             for method in self.finetune.per_type:
                 if method != ILA and method not in METHODS:
                     raise IlaError(
@@ -491,7 +496,8 @@ def finetune_units(cfg: ExperimentConfig) -> list[FinetuneUnit]:
                     )
                 if "top" in ft.rules:
                     wanted += [("top", f"top{round(f * 100)}", f) for f in ft.fractions if f < 1.0]
-                if "param-budget" in ft.rules:  # folder names keep their first spelling: kept results still match
+                if "param-budget" in ft.rules and (not ft.param_rankings or spelled in ft.param_rankings):
+                    # folder names keep their first spelling: kept results still match
                     wanted += [("param-budget", f"params{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
                 if "lora-ranks" in ft.rules and spelled in ft.ranks_from and training in ("lora", "qlora") and own:
                     wanted += [("lora-ranks", f"ranks{round(f * 100)}", f) for f in ft.param_fractions if f < 1.0]
