@@ -62,18 +62,16 @@ def keep(source: Path, target: Path) -> int:
         if (source / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, target / name)
-    shown = set(re.findall(r"!\[[^\]]*\]\(([^)\s]+\.png)\)", _text(source / "report.md")))
-    for figure in sorted(shown):
-        if (source / figure).is_file():
-            shutil.copy2(source / figure, target / figure)
-    for stale in target.glob("*.png"):  # kept by an earlier call, no longer in the report
-        if stale.name not in shown:
-            stale.unlink()
+    report = source / "report.md"
+    if report.is_file():  # without a report, which figures it shows is unknown: leave the kept ones alone
+        shown = set(re.findall(r"!\[[^\]]*\]\(([^)\s]+\.png)\)", report.read_text(encoding="utf-8")))
+        for figure in sorted(shown):
+            if (source / figure).is_file():
+                shutil.copy2(source / figure, target / figure)
+        for stale in target.glob("*.png"):  # kept by an earlier call, no longer in the report
+            if stale.name not in shown:
+                stale.unlink()
     return units
-
-
-def _text(path: Path) -> str:
-    return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
 if __name__ == "__main__":
