@@ -44,7 +44,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +172,11 @@ def rss_peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
-def memory_rule(kind: str = "top_fraction", value: float = FRACTION, method: str = "lora") -> SelectionRule:
+def memory_rule(
+    kind: str = "top_fraction", value: float = FRACTION, method: str = "lora", checkpointing: bool = False
+) -> SelectionRule:
     """selection.py's rule for this benchmark's setting: LoRA r=8 (or full), fp32 weights, batch 4 x the data's max
-    length."""
+    length, with or without gradient checkpointing."""
     return SelectionRule(
         kind,
         value,
@@ -183,6 +185,7 @@ def memory_rule(kind: str = "top_fraction", value: float = FRACTION, method: str
         batch_size=BATCH,  # type: ignore[arg-type]
         seq_len=DataConfig().max_length,
         weight_bytes=4.0,
+        gradient_checkpointing=checkpointing,
     )
 
 
@@ -190,7 +193,11 @@ def memory_rule(kind: str = "top_fraction", value: float = FRACTION, method: str
 
 
 def placements(
-    layers: list[Layer], shapes: ModelShapes, ranking_path: str | None, method: str = "lora"
+    layers: list[Layer],
+    shapes: ModelShapes,
+    ranking_path: str | None,
+    method: str = "lora",
+    checkpointing: bool = False,
 ) -> tuple[list[Placement], str]:
     """All layers and the 30% selections (and, with a ranking, a depth-aware memory-budget selection), plus a note
     on what selection.py's memory-budget rule picks for the budget the ILA top 30% is estimated to need."""
@@ -200,16 +207,17 @@ def placements(
     note = ""
     if ranking_path:
         ranking = load_ranking(ranking_path)
-        top = select(ranking, memory_rule(method=method), shapes, ranking_path)
+        rule = memory_rule(method=method, checkpointing=checkpointing)
+        top = select(ranking, rule, shapes, ranking_path)
         out.append(Placement("ILA top 30%", [by_name[name] for name in top.names()]))
         assert top.memory_estimate is not None
         same = select(
-            ranking, memory_rule("memory_budget", top.memory_estimate["total_gb"], method), shapes, ranking_path
+            ranking, replace(rule, kind="memory_budget", value=top.memory_estimate["total_gb"]), shapes, ranking_path
         )
         # The same budget can only give back the same layers (every prefix of the ranking fits), so the row that is
         # timed uses the issue's memory target instead: 0.7 x the all-layers estimate.
-        all_gb = estimate_training_memory(layers, shapes, memory_rule(method=method))["total_gb"]
-        budget = memory_rule("memory_budget", TARGET_MEMORY_RATIO * all_gb, method)
+        all_gb = estimate_training_memory(layers, shapes, rule)["total_gb"]
+        budget = replace(rule, kind="memory_budget", value=TARGET_MEMORY_RATIO * all_gb)
         target = select(ranking, budget, shapes, ranking_path)
         out.append(Placement(f"ILA, memory budget {TARGET_MEMORY_RATIO}x", [by_name[n] for n in target.names()]))
         assert same.memory_estimate is not None and target.memory_estimate is not None
@@ -334,7 +342,7 @@ def selective_lora(
     method: str = "lora",
     checkpointing: bool = False,
 ) -> None:
-    chosen, note = placements(layers, shapes, ranking, method)
+    chosen, note = placements(layers, shapes, ranking, method, checkpointing)
     what = "Full fine-tuning of" if method == "full" else "LoRA on"
     print(
         f"\n## 1. {what} all layers vs 30% selections ({steps} interleaved steps after 1 warm-up, batch {BATCH}, "
@@ -361,7 +369,9 @@ def selective_lora(
     for p in chosen:
         step = statistics.median(seconds[p.name])
         peak = memory[p.name]["peak_gb"]
-        estimate = estimate_training_memory(p.layers, shapes, memory_rule(method=method))["total_gb"]
+        estimate = estimate_training_memory(p.layers, shapes, memory_rule(method=method, checkpointing=checkpointing))[
+            "total_gb"
+        ]
         met = (
             "-"
             if p is chosen[0]
@@ -389,7 +399,7 @@ def selective_lora(
     print(
         f"- estimate: selection.py's `estimate_training_memory` ({'full' if method == 'full' else 'LoRA r=8'}, "
         "fp32 weights, batch "
-        f"{BATCH} x {DataConfig().max_length})"
+        f"{BATCH} x {DataConfig().max_length}{', gradient checkpointing' if checkpointing else ''})"
     )
     if note:
         print(f"- depth-aware budget: {note}")

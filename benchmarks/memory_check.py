@@ -7,7 +7,7 @@ the bundled data (batch 4) and reports its resident-memory peak (VmHWM) minus it
 model was loaded (Python, torch and the libraries). The estimate is `estimate_training_memory` for the same
 layers at fp32 and the measured batch width. Prints one markdown table with the estimate's error.
 
-    python benchmarks/memory_check.py [--big-params 300e6] [--threads 2] [--save measured.json]
+    python benchmarks/memory_check.py [--big-params 300e6] [--threads 2] [--gradient-checkpointing] [--save F]
     python benchmarks/memory_check.py --measured measured.json     # the table again, with today's estimate
 
 On a CPU the measure is resident memory, so it includes what an estimate leaves out (allocator caches, autograd
@@ -35,6 +35,7 @@ from ila.model_loading import load_model, load_model_skeleton, resolve_model_pat
 from ila.run_folder import resident_gb
 from ila.selection import ModelShapes, SelectionRule, estimate_training_memory
 from ila.sft_data import load_sft_data
+from ila.training_loop import enable_gradient_checkpointing
 
 PLACEMENTS = ("all layers", "last 30% of blocks", "random 30% of layers")
 DEFAULT, BIG = "SmolLM2-135M", "random ~300M"
@@ -49,11 +50,13 @@ def chosen_layers(layers: list[Layer], n_blocks: int, which: str) -> list[Layer]
     return [layers[i] for i in picked]
 
 
-def child(model: str, method: str, which: str) -> None:
+def child(model: str, method: str, which: str, checkpointing: bool) -> None:
     """Subprocess body: RSS before loading, then load, train, peak; one JSON line."""
     before = resident_gb()
     assert before is not None, "this benchmark reads /proc/self/status (Linux only)"
     loaded = load_model(ModelConfig(name=model, dtype="float32"))
+    if checkpointing:
+        enable_gradient_checkpointing(loaded.model)
     data = load_sft_data(DataConfig(), loaded.tokenizer, SEED)
     batches = widest_batches(data, int(loaded.tokenizer.pad_token_id), MEMORY_STEPS)
     shapes = ModelShapes.of(loaded.model)
@@ -62,15 +65,22 @@ def child(model: str, method: str, which: str) -> None:
     for _ in range(MEMORY_STEPS):
         trainee.step()
     width = int(batches[0].input_ids.shape[1])
-    print(json.dumps({"measured_gb": rss_peak_gb() - before, "width": width, "params": shapes.total_params}))
+    measured = {"measured_gb": rss_peak_gb() - before, "width": width, "params": shapes.total_params}
+    print(json.dumps({**measured, "checkpointing": checkpointing}))
 
 
-def estimate(shapes: ModelShapes, method: str, which: str, width: int) -> float:
+def estimate(shapes: ModelShapes, method: str, which: str, width: int, checkpointing: bool) -> float:
     """selection.py's estimate for the configuration: fp32 weights, batch 4 x the measured width."""
     layers = chosen_layers(shapes.layers, shapes.n_blocks, which)
     rule = SelectionRule(
-        "all", method=method, lora_r=LoraShapeConfig().r, batch_size=BATCH, seq_len=width, weight_bytes=4.0
-    )  # type: ignore[arg-type]
+        "all",
+        method=method,  # type: ignore[arg-type]
+        lora_r=LoraShapeConfig().r,
+        batch_size=BATCH,
+        seq_len=width,
+        weight_bytes=4.0,
+        gradient_checkpointing=checkpointing,
+    )
     return estimate_training_memory(layers, shapes, rule)["total_gb"]
 
 
@@ -113,7 +123,7 @@ def shapes_of(label: str, params: float) -> ModelShapes:
         return ModelShapes.of(LlamaForCausalLM(big_config(params)))
 
 
-def measure_all(params: float, threads: int | None) -> list[dict[str, Any]]:
+def measure_all(params: float, threads: int | None, checkpointing: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         models = {DEFAULT: ModelConfig().name, BIG: str(build_big(Path(tmp) / "big", params))}
@@ -123,6 +133,8 @@ def measure_all(params: float, threads: int | None) -> list[dict[str, Any]]:
                     command = [sys.executable, __file__, "--child", model, method, which]
                     if threads:
                         command += ["--threads", str(threads)]
+                    if checkpointing:
+                        command.append("--gradient-checkpointing")
                     proc = subprocess.run(command, capture_output=True, text=True)
                     if proc.returncode:
                         raise SystemExit(f"{label} {method} {which}: {proc.stderr[-2000:]}")
@@ -136,6 +148,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--big-params", type=float, default=300e6)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="train every configuration with checkpointing"
+    )
     parser.add_argument("--save", type=Path, help="write the measurements to this JSON file")
     parser.add_argument("--measured", type=Path, help="print the table for measurements saved with --save")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "METHOD", "WHICH"), help=argparse.SUPPRESS)
@@ -143,23 +158,28 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        return child(*args.child)
+        model, method, which = args.child
+        return child(model, method, which, args.gradient_checkpointing)
     if args.measured:
         rows = json.loads(args.measured.read_text())
     else:
-        rows = measure_all(args.big_params, args.threads)
+        rows = measure_all(args.big_params, args.threads, args.gradient_checkpointing)
         if args.save:
             args.save.write_text(json.dumps(rows, indent=1))
     shapes = {label: shapes_of(label, args.big_params) for label in (DEFAULT, BIG)}
-    print("| model | parameters | method | layers | batch width | estimate (GB) | measured (GB) | error |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | parameters | method | layers | checkpointing | batch width | estimate (GB) | measured (GB) | error |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     errors: dict[str, list[float]] = {"lora": [], "full": []}
     for row in rows:
-        guess = estimate(shapes[row["model"]], row["method"], row["which"], row["width"])
+        checkpointing = row.get("checkpointing", False)  # files saved before it was recorded: without
+        guess = estimate(shapes[row["model"]], row["method"], row["which"], row["width"], checkpointing)
         error = guess / row["measured_gb"] - 1
         errors[row["method"]].append(error)
         print(
-            f"| {row['model']} | {row['params'] / 1e6:.0f}M | {row['method']} | {row['which']} | {row['width']} | "
+            f"| {row['model']} | {row['params'] / 1e6:.0f}M | {row['method']} | {row['which']} | "
+            f"{'yes' if checkpointing else 'no'} | {row['width']} | "
             f"{guess:.2f} | {row['measured_gb']:.2f} | {error:+.0%} |"
         )
     for method, found in errors.items():

@@ -106,6 +106,55 @@ def test_depth_costs_memory(llama: tuple[list[Layer], ModelShapes]) -> None:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_estimate(llama: tuple[list[Layer], ModelShapes], method: str) -> None:
+    """With checkpointing every block from the lowest selected one keeps only its input (b·s·h), and one block is
+    recomputed at a time with all its activations (for LoRA, its adapters' dropout copies too): less than without
+    for more than one block, and still a depth cost."""
+    layers, shapes = llama
+    plain = SelectionRule("all", method=method, batch_size=2, seq_len=64)  # type: ignore[arg-type]
+    ckpt = replace(plain, gradient_checkpointing=True)
+    tokens, gb = 2 * 64, 1024**3
+    per_block = 34 * tokens * shapes.hidden_size * plain.weight_bytes / 2 / gb
+    for lowest in range(4):
+        chosen = [la for la in layers if la.block >= lowest]
+        without = estimate_training_memory(chosen, shapes, plain)
+        with_ = estimate_training_memory(chosen, shapes, ckpt)
+        depth = 4 - lowest
+        copies = [
+            sum(la.in_features for la in chosen if la.block == b) * tokens * (plain.weight_bytes + 1) / gb
+            for b in range(lowest, 4)
+        ]
+        recomputed = per_block + (max(copies) if method == "lora" else 0)
+        kept = depth * tokens * shapes.hidden_size * plain.weight_bytes / gb
+        assert with_["activations_gb"] == pytest.approx(kept + recomputed)
+        assert without["activations_gb"] == pytest.approx(depth * per_block + (sum(copies) if method == "lora" else 0))
+        assert {k: v for k, v in with_.items() if k not in ("activations_gb", "total_gb")} == {
+            k: v for k, v in without.items() if k not in ("activations_gb", "total_gb")
+        }
+        if depth > 1:
+            assert with_["total_gb"] < without["total_gb"]
+    nothing = estimate_training_memory([], shapes, ckpt)
+    assert nothing["activations_gb"] == 0
+
+
+def test_select_cli_gradient_checkpointing(ranking_file: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`ila select` estimates with checkpointing on for qlora (ila's QLoRA default) and where asked, off otherwise."""
+
+    def rule(*extra: str) -> SelectionRule:
+        out = tmp_path / f"sel{len(list(tmp_path.glob('sel*.json')))}.json"
+        assert main(["select", "--ranking", str(ranking_file), "--top", "0.5", "--output", str(out), *extra]) == 0
+        selection = load_selection(out)
+        assert selection.memory_estimate is not None
+        assert ("gradient checkpointing" in selection.summary()) == selection.rule.gradient_checkpointing
+        return selection.rule
+
+    assert not rule().gradient_checkpointing
+    assert rule("--method", "qlora").gradient_checkpointing
+    assert not rule("--method", "qlora", "--no-gradient-checkpointing").gradient_checkpointing
+    assert rule("--gradient-checkpointing").gradient_checkpointing
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
 def test_fsdp_estimate_is_per_process(llama: tuple[list[Layer], ModelShapes], method: str) -> None:
     """Under N-way FSDP: fp32 master weights and training state split N ways, two whole blocks gathered at the
     compute precision, activations of the process's rows; one process is the unsharded estimate."""

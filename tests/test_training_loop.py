@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ila.errors import NonFiniteLossError
+from ila.lora_adapters import unwrap
 from ila.sft_data import IGNORE_INDEX, Batch, Example, collate
 from ila.training_loop import LoopResult, heldout_loss, loop_summary, sft_loss, train, warmup_then
 from tiny_models import tiny_llama
@@ -143,3 +144,34 @@ def test_warmup_then_decay_or_constant() -> None:
     assert warmup_then(3, 3, 10) == 1.0 and warmup_then(10, 3, 10) == 0.0
     assert warmup_then(6, 3, 10) == pytest.approx(4 / 7)
     assert {warmup_then(s, 3, 10, decay=False) for s in range(3, 50)} == {1.0}
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_checkpointing_recomputes_only_from_the_lowest_adapted_block(method: str) -> None:
+    """Checkpointing (run.gradient_checkpointing, QLoRA's default) recomputes in backward only the blocks from the
+    lowest adapted one up: below it nothing needs a gradient (the depth saving `ila select` estimates).
+    transformers' own setup makes the embeddings' output require grad, which would recompute all four here."""
+    from ila.config import FinetuneConfig, build_config
+    from ila.layers import discover_layers
+    from ila.trainable import make_trainable
+    from ila.training_loop import enable_gradient_checkpointing
+
+    for lowest in (0, 2, 3):
+        model = tiny_llama()
+        cfg = build_config(FinetuneConfig, {"finetune": {"method": method}})
+        if method == "qlora":
+            model.is_loaded_in_4bit = True  # PEFT's k-bit flag; the weights stay fp32 here
+        else:
+            enable_gradient_checkpointing(model)
+        wanted = {f"model.layers.{lowest}.self_attn.q_proj", "model.layers.3.mlp.down_proj"}
+        chosen = [layer for layer in discover_layers(model) if layer.name in wanted]
+        trainee = make_trainable(model, chosen, cfg).model
+        trainee.train()
+        assert unwrap(trainee).is_gradient_checkpointing
+        calls: list[int] = []
+        for block in model.model.layers:  # a module inside the block: transformers checkpoints `forward`
+            block.input_layernorm.register_forward_hook(lambda *_, seen=calls: seen.append(1))
+        loss = sft_loss(trainee, collate(examples(2), 0))
+        assert len(calls) == 4
+        loss.backward()
+        assert len(calls) - 4 == 4 - lowest

@@ -76,7 +76,15 @@ def attach_lora(
     config = lora_config_for(layers, settings, fan_in_fan_out=uses_conv1d(model, layers), ranks=ranks)
     with warnings.catch_warnings(), _adapters_off_meta(model):  # PEFT warns about fan_in_fan_out for Conv1D
         warnings.simplefilter("ignore", UserWarning)
-        return get_peft_model(model, config)  # type: ignore[return-value]
+        return _no_input_grads(get_peft_model(model, config))  # type: ignore[arg-type]
+
+
+def _no_input_grads(peft_model: PeftModel) -> PeftModel:
+    """Undo PEFT's input-gradient hook. PEFT makes the embeddings' output require grad when the model checkpoints,
+    which reentrant checkpointing needs; ila checkpoints non-reentrant, where the hook would only make backward
+    recompute and run through every block instead of stopping at the lowest adapted one."""
+    unwrap(peft_model).disable_input_require_grads()  # type: ignore[operator]
+    return peft_model
 
 
 @contextmanager
@@ -108,7 +116,7 @@ def load_lora(model: PreTrainedModel, adapter_dir: str | Path, trainable: bool =
         _adapters_off_meta(model),
     ):
         warnings.simplefilter("ignore", UserWarning)
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)  # type: ignore[return-value]
+        return _no_input_grads(PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -263,7 +271,7 @@ def attach_adalora(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return get_peft_model(model, config)  # type: ignore[return-value]
+        return _no_input_grads(get_peft_model(model, config))  # type: ignore[arg-type]
 
 
 def adalora_update(peft_model: nn.Module, step: int) -> None:
@@ -290,13 +298,12 @@ def adalora_orthogonal_penalty(peft_model: nn.Module) -> torch.Tensor:
     return weight * torch.stack(terms).mean()
 
 
-def prepare_quantized_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
-    """PEFT's preparation of a 4-bit model for QLoRA (norms in fp32, input gradients, optional checkpointing)."""
+def prepare_quantized_for_training(model: PreTrainedModel) -> PreTrainedModel:
+    """PEFT's preparation of a 4-bit model for QLoRA (everything frozen, norms in fp32). Checkpointing is left to
+    `training_loop.enable_gradient_checkpointing`, the one way ila checkpoints."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(  # type: ignore[no-any-return]
-        model, use_gradient_checkpointing=gradient_checkpointing
-    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-any-return]
 
 
 def adapted_module_names(peft_model: nn.Module) -> list[str]:

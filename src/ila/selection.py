@@ -65,6 +65,7 @@ class SelectionRule:
     rank_choices: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # lora_ranks: the ranks a layer can get
     fsdp_processes: int = 1  # memory estimate: per process under FSDP across this many processes
     lora_dropout: float = 0.05  # memory estimate: with dropout each LoRA layer copies its input (ila's default)
+    gradient_checkpointing: bool = False  # memory estimate: blocks keep only their inputs, one block is recomputed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rank_choices", tuple(sorted(set(self.rank_choices))))  # a JSON list when loaded
@@ -228,6 +229,7 @@ class Selection:
             )
         if self.memory_estimate:
             where = f" per process, FSDP x{self.rule.fsdp_processes}" if self.rule.fsdp_processes > 1 else ""
+            where += ", gradient checkpointing" if self.rule.gradient_checkpointing else ""
             parts.append(
                 f"estimated training memory ({self.rule.method}{where}): {self.memory_estimate['total_gb']:.3g} GB"
             )
@@ -280,10 +282,13 @@ def estimate_training_memory(
       for full fine-tuning a gradient at the weight's precision plus Adam's fp32 moments (2 + 8 bytes);
     - activations kept for backward: 34·b·s·h bytes per block at 16 bits (Korthikanti et al. 2022, without the
       attention scores that SDPA/flash attention do not store), only for blocks from the lowest selected block up,
-      because the backward pass stops there (the depth cost); no gradient checkpointing;
+      because the backward pass stops there (the depth cost);
     - LoRA with dropout (`rule.lora_dropout` > 0, ila's default 0.05): each adapted layer keeps its own dropout
       copy of its input and the mask (b·s·in values and bytes; q, k and v each copy the same input); without
       dropout the adapter reads the input the block keeps anyway;
+    - with `rule.gradient_checkpointing` (non-reentrant, as `run.gradient_checkpointing=true` runs it) each of
+      those blocks keeps only its input (b·s·h), and one block at a time is recomputed in backward with all of its
+      activations and dropout copies (the largest such block is counted once);
     - logits: b·s·vocab in fp32, and their gradient.
 
     Under FSDP across `rule.fsdp_processes` = N processes, per process, as ila runs it (configs/fsdp.yaml): fp32
@@ -308,9 +313,18 @@ def estimate_training_memory(
     blocks = [layer.block for layer in selected if layer.block >= 0]
     depth = shapes.n_blocks - min(blocks) if blocks else 0
     tokens = -(-rule.batch_size // n) * rule.seq_len  # this process's rows
-    activations = depth * ACTIVATION_BYTES_PER_TOKEN_HIDDEN * tokens * shapes.hidden_size * rule.weight_bytes / 2
-    if rule.method != "full" and rule.lora_dropout > 0:  # LoRA dropout's input copy and mask, per adapted layer
-        activations += sum(layer.in_features for layer in selected) * tokens * (rule.weight_bytes + 1)
+    block_bytes = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * tokens * shapes.hidden_size * rule.weight_bytes / 2
+    copies: dict[int, float] = {}  # LoRA dropout's input copy and mask, per adapted layer, summed by block
+    if rule.method != "full" and rule.lora_dropout > 0:
+        for layer in selected:
+            copies[layer.block] = copies.get(layer.block, 0) + layer.in_features * tokens * (rule.weight_bytes + 1)
+    if not rule.gradient_checkpointing:
+        activations = depth * block_bytes + sum(copies.values())
+    elif depth:  # every block from the lowest selected keeps its input; one is recomputed at a time
+        kept = depth * tokens * shapes.hidden_size * rule.weight_bytes
+        activations = kept + block_bytes + max(copies.values(), default=0)
+    else:
+        activations = 0.0
     logits = 2 * tokens * shapes.vocab_size * 4 if selected else 0
     out = {
         "weights_gb": weights / gb,

@@ -31,6 +31,7 @@ from ila.lora_adapters import (
 from ila.model_loading import LoadedModel
 from ila.run_folder import atomic_dir, atomic_write_bytes, atomic_write_text
 from ila.selection import Selection
+from ila.training_loop import enable_gradient_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ def make_trainable(
             )
         return TrainableSetup(model, [p for p in model.parameters() if p.requires_grad], names)
     if method == "qlora":
-        model = prepare_quantized_for_training(model, cfg.qlora.gradient_checkpointing)  # type: ignore[arg-type]
+        model = prepare_quantized_for_training(model)  # type: ignore[arg-type]
+        if cfg.qlora.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
     if method == "adalora":
         peft_model = attach_adalora(model, chosen, cfg.lora, cfg.adalora, cfg.finetune.max_steps)  # type: ignore[arg-type]
     else:

@@ -167,8 +167,10 @@ def train(
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward (transformers' own implementation).
 
-    Non-reentrant checkpointing: with a frozen base model the block inputs need no requires_grad trick. It is
-    active only in train mode, so Stage 2 (eval mode, dropout off) keeps its activations.
+    Non-reentrant checkpointing: with a frozen base model the block inputs need no requires_grad trick, so the
+    one transformers adds (the embeddings' output requires grad) is removed. With it, backward would recompute and
+    run through every block, not only those from the lowest trainable layer up (the depth saving of a selection).
+    It is active only in train mode, so Stage 2 (eval mode, dropout off) keeps its activations.
     """
     lm = unwrap(model)
     if not getattr(lm, "supports_gradient_checkpointing", False):
@@ -178,6 +180,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    lm.disable_input_require_grads()  # type: ignore[operator]
 
 
 def compile_blocks(model: nn.Module) -> None:

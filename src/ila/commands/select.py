@@ -22,7 +22,8 @@ SELECT_EXAMPLES = """examples:
 
 Budgets are greedy by rank and skip layers that do not fit, so they are never exceeded. Any ranking.json works
 (ILA or a baseline such as random-K or last-K). The memory estimate counts weights, adapter/optimizer state,
-activations from the lowest selected block up (backward stops there: the depth cost) and logits. --per-type
+activations from the lowest selected block up (backward stops there: the depth cost; with
+--gradient-checkpointing only each block's input plus one recomputed block) and logits. --per-type
 applies the rule to each module type in the ranking's order: a count per type, a fraction rounded down per type
 (at least 1; Spectrum's int(n*P/100)), freeze-bottom per type, a parameter budget split in proportion to each
 type's parameters (a memory budget is not split). The summary prints the trainable share and the lowest block.
@@ -88,6 +89,14 @@ def add_parser(sub: Subparsers) -> None:
         help="memory estimate: LoRA dropout (default 0.05, ila's; with 0 the adapters keep no input copies)",
     )
     parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="memory estimate: blocks keep only their inputs and are recomputed in backward, as "
+        "run.gradient_checkpointing=true trains (default: on for qlora, whose qlora.gradient_checkpointing is on, "
+        "off otherwise)",
+    )
+    parser.add_argument(
         "--fsdp",
         type=int,
         default=1,
@@ -117,6 +126,9 @@ def main(args: argparse.Namespace) -> int:
         "per_type": args.per_type,
         "fsdp_processes": args.fsdp,
         "lora_dropout": args.lora_dropout,
+        "gradient_checkpointing": (
+            args.method == "qlora" if args.gradient_checkpointing is None else args.gradient_checkpointing
+        ),
     }
     if args.top is not None:
         try:
