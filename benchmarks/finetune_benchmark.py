@@ -218,22 +218,30 @@ def placements(
         # timed uses the memory target instead: 0.7 x the all-layers estimate.
         all_gb = estimate_training_memory(layers, shapes, rule)["total_gb"]
         budget = replace(rule, kind="memory_budget", value=TARGET_MEMORY_RATIO * all_gb)
-        target = select(ranking, budget, shapes, ranking_path)
-        out.append(Placement(f"ILA, memory budget {TARGET_MEMORY_RATIO}x", [by_name[n] for n in target.names()]))
-        assert same.memory_estimate is not None and target.memory_estimate is not None
+        assert same.memory_estimate is not None
         note = (
             f"selection.py's memory-budget rule is depth-aware: it counts activations only from the lowest selected "
             f"block up ({'full' if method == 'full' else 'LoRA r=8'}, fp32, batch {BATCH} x "
-            f"{DataConfig().max_length}). At the budget the ILA top 30% is "
-            f"estimated to need ({top.memory_estimate['total_gb']:.2f} GB) it picks {len(same.layers)} layers, lowest "
-            f"block {same.lowest_block} (backward through {same.backward_blocks} blocks), "
+            f"{DataConfig().max_length}{', gradient checkpointing' if checkpointing else ''}). At the budget the ILA "
+            f"top 30% is estimated to need ({top.memory_estimate['total_gb']:.2f} GB) it picks {len(same.layers)} "
+            f"layers, lowest block {same.lowest_block} (backward through {same.backward_blocks} blocks), "
             f"{'the same layers as the top 30%' if same.names() == top.names() else 'other layers than the top 30%'}"
             f" (ILA top 30%: {len(top.layers)} layers, lowest block {top.lowest_block}): the top 30% already reaches "
-            f"block {top.lowest_block}, so that budget buys no depth saving. At {TARGET_MEMORY_RATIO}x the all-layers "
-            f"estimate ({TARGET_MEMORY_RATIO * all_gb:.2f} GB) it picks {len(target.layers)} layers, lowest block "
-            f"{target.lowest_block} (backward through {target.backward_blocks} blocks, estimate "
-            f"{target.memory_estimate['total_gb']:.2f} GB): the row 'ILA, memory budget {TARGET_MEMORY_RATIO}x'."
+            f"block {top.lowest_block}, so that budget buys no depth saving. "
         )
+        try:
+            target = select(ranking, budget, shapes, ranking_path)
+        except IlaError as err:  # with checkpointing the fixed part can exceed 0.7x of everything
+            note += f"At {TARGET_MEMORY_RATIO}x the all-layers estimate no selection fits ({err}): no such row."
+        else:
+            out.append(Placement(f"ILA, memory budget {TARGET_MEMORY_RATIO}x", [by_name[n] for n in target.names()]))
+            assert target.memory_estimate is not None
+            note += (
+                f"At {TARGET_MEMORY_RATIO}x the all-layers estimate ({TARGET_MEMORY_RATIO * all_gb:.2f} GB) it picks "
+                f"{len(target.layers)} layers, lowest block {target.lowest_block} (backward through "
+                f"{target.backward_blocks} blocks, estimate {target.memory_estimate['total_gb']:.2f} GB): the row "
+                f"'ILA, memory budget {TARGET_MEMORY_RATIO}x'."
+            )
     deepest = shapes.n_blocks - round(FRACTION * shapes.n_blocks)
     out.append(Placement("last 30% of blocks", [layer for layer in layers if layer.block >= deepest]))
     picked = sorted(random.Random(SEED).sample(range(len(layers)), n_pick))

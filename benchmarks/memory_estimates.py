@@ -4,7 +4,7 @@ Estimates, not measurements: they come from `ila.selection.estimate_training_mem
 activations from the lowest selected block up, logits; no framework overhead). Printed as a markdown table for
 docs/scaling.md.
 
-Usage: python benchmarks/memory_estimates.py [--batch 4] [--seq 2048]
+Usage: python benchmarks/memory_estimates.py [--batch 4] [--seq 2048] [--gradient-checkpointing]
 """
 
 from __future__ import annotations
@@ -50,18 +50,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--fsdp", type=int, nargs="*", default=[8], help="FSDP process counts for the second table")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="estimate every row as trained with checkpointing"
+    )
     args = parser.parse_args()
     shapes = {}
     for name, config in CONFIGS.items():
         with torch.device("meta"):
             shapes[name] = ModelShapes.of(LlamaForCausalLM(config))
-    print(f"Estimated training memory (GB), batch {args.batch} x {args.seq} tokens, bf16 weights, Adam\n")
+    ckpt = args.gradient_checkpointing
+    print(
+        f"Estimated training memory (GB), batch {args.batch} x {args.seq} tokens, bf16 weights, Adam"
+        f"{', gradient checkpointing' if ckpt else ''}\n"
+    )
     header = "| model | method | all layers | last 30% of blocks | random 30% of layers | first 30% of blocks |"
     print(header)
     print("|---|---|---|---|---|---|")
     for name, shape in shapes.items():
         for method in ("lora", "qlora", "full"):
-            print(f"| {name} | {method} | " + " | ".join(_cells(shape, method, args.batch, args.seq, 1)) + " |")
+            print(f"| {name} | {method} | " + " | ".join(_cells(shape, method, args.batch, args.seq, 1, ckpt)) + " |")
     for n in args.fsdp:
         print(
             f"\nPer process under FSDP across {n} processes (fp32 master weights, bf16 compute, global batch "
@@ -72,11 +79,13 @@ def main() -> None:
         for name, shape in shapes.items():
             for method in ("lora", "full"):
                 print(
-                    f"| {name} | {n} | {method} | " + " | ".join(_cells(shape, method, args.batch, args.seq, n)) + " |"
+                    f"| {name} | {n} | {method} | "
+                    + " | ".join(_cells(shape, method, args.batch, args.seq, n, ckpt))
+                    + " |"
                 )
 
 
-def _cells(shapes: ModelShapes, method: str, batch: int, seq: int, processes: int) -> list[str]:
+def _cells(shapes: ModelShapes, method: str, batch: int, seq: int, processes: int, ckpt: bool) -> list[str]:
     n = len(shapes.layers)
     cut = round(0.3 * shapes.n_blocks)
     sets = {
@@ -92,6 +101,7 @@ def _cells(shapes: ModelShapes, method: str, batch: int, seq: int, processes: in
         batch_size=batch,
         seq_len=seq,
         fsdp_processes=processes,
+        gradient_checkpointing=ckpt,
     )
     return [f"{estimate_training_memory(chosen, shapes, rule)['total_gb']:.1f}" for chosen in sets.values()]
 

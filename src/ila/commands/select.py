@@ -15,6 +15,7 @@ SELECT_EXAMPLES = """examples:
   ila select --ranking R --param-budget 2M --lora-r 16 --output sel.json         # LoRA parameters r*(in+out)
   ila select --ranking R --param-budget 50M --method full --output sel.json      # weights in*out
   ila select --ranking R --memory-budget 12 --method qlora --output sel.json     # estimated training GB
+  ila select --ranking R --memory-budget 20 --gradient-checkpointing --output sel.json  # as trained with it
   ila select --ranking runs/spectrum --top 0.25 --per-type --output sel.json     # best 25% of each module type
   ila select --ranking R --param-budget 2M --per-type --output sel.json          # split by type, by type's size
   ila select --ranking R --param-budget 30% --output sel.json                    # 30% of all layers' LoRA params
