@@ -374,12 +374,11 @@ def selective_lora(
         "| RSS ratio | RSS above forward-only (GB) | estimate (GB) | targets met (time, memory) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rule = memory_rule(method=method, checkpointing=checkpointing)
     for p in chosen:
         step = statistics.median(seconds[p.name])
         peak = memory[p.name]["peak_gb"]
-        estimate = estimate_training_memory(p.layers, shapes, memory_rule(method=method, checkpointing=checkpointing))[
-            "total_gb"
-        ]
+        estimate = estimate_training_memory(p.layers, shapes, rule)["total_gb"]
         met = (
             "-"
             if p is chosen[0]
